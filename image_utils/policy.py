@@ -1,0 +1,50 @@
+"""Limits and safety settings applied while loading a request's image."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["ImagePolicy", "MIN_PDF_DPI", "MAX_PDF_DPI", "PDF_MAX_SIDE", "MAX_ASPECT_RATIO"]
+
+#: Bounds for an explicitly requested PDF rendering resolution.
+MIN_PDF_DPI = 36
+MAX_PDF_DPI = 600
+#: Upstream dots.ocr re-renders a PDF page at a lower resolution when a side exceeds this.
+PDF_MAX_SIDE = 4500
+#: The model's resize rule (and qwen-vl-utils) refuse images whose long/short side ratio exceeds this.
+MAX_ASPECT_RATIO = 200
+
+
+@dataclass
+class ImagePolicy:
+    """Limits and safety switches for :func:`image_utils.load_document`.
+
+    - ``image_root``: when set, ``path`` images must resolve (symlinks resolved) to a file inside
+      this directory, and relative paths are taken relative to it. When ``None``, any readable
+      file may be used and relative paths are taken relative to the process working directory.
+    - ``allow_private_urls``: allow ``url`` images whose host resolves to loopback, private,
+      link-local, multicast, reserved or unspecified addresses (off by default: SSRF guard).
+    - ``max_image_pixels``: width*height limit read from the image header before any pixel is
+      decoded (decompression-bomb guard); exceeding it answers 413.
+    - ``max_download_bytes``: cap on the raw bytes of an input, whatever its source (URL body,
+      decoded base64, file read from ``path``); exceeding it answers 413.
+    - ``url_connect_timeout`` / ``url_read_timeout``: seconds, per connection attempt and per
+      socket read. ``url_total_timeout``: wall-clock budget for a whole URL fetch, redirects
+      included (checked between reads).
+    - ``max_redirects``: redirects followed for ``url`` images; each hop is re-checked.
+    - ``pdf_dpi``: default rendering resolution of PDF pages; ``pdf_max_pages``: PDFs with more
+      pages are refused; ``max_model_pixels``: a rendered page is kept at or below this many
+      pixels (and at or below 4500 px per side) by lowering the resolution.
+    """
+
+    image_root: Optional[str] = None
+    allow_private_urls: bool = False
+    max_image_pixels: int = 60_000_000
+    max_download_bytes: int = 50 * 1024 * 1024
+    url_connect_timeout: float = 5.0
+    url_read_timeout: float = 20.0
+    max_redirects: int = 3
+    pdf_dpi: int = 200
+    pdf_max_pages: int = 500
+    max_model_pixels: int = 11_289_600
+    url_total_timeout: float = 120.0

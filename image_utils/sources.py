@@ -1,0 +1,152 @@
+"""Reading the raw bytes of a request's image from a local path or base64 / data-URI text.
+
+(URLs live in :mod:`image_utils.url_fetch`.)
+
+Path rules:
+
+- Relative paths are resolved against ``policy.image_root`` when it is set, else against the
+  process working directory. ``~`` is not expanded.
+- With ``image_root`` set, the fully resolved path (``os.path.realpath``: every symlink followed)
+  must lie inside the resolved root; this is checked before the file's existence is reported, so a
+  client cannot probe for files outside the root.
+- The file must be a regular file (not a directory, FIFO or device) and readable; it is opened
+  with ``O_NOFOLLOW`` and re-checked with ``fstat`` on the open descriptor, so swapping the file for
+  a symlink or FIFO after the checks does not help an attacker.
+- At most ``policy.max_download_bytes`` are read (413 beyond that).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import stat
+
+from .errors import ImageInputError
+from .policy import ImagePolicy
+
+__all__ = ["read_path", "decode_base64", "is_data_uri", "too_large_error"]
+
+_DATA_URI_PREFIXES = ("data:image/", "data:application/pdf")
+_WHITESPACE = re.compile(r"\s+")
+_CHUNK = 1 << 20
+
+
+def too_large_error(limit: int, what: str = "Image data") -> ImageInputError:
+    return ImageInputError(f"{what} too large: exceeds the limit of {limit} bytes", status=413)
+
+
+def is_data_uri(value: str) -> bool:
+    """True for a ``data:image/...`` or ``data:application/pdf...`` URI (case-insensitive)."""
+    head = value[:32].lstrip().lower()
+    return head.startswith(_DATA_URI_PREFIXES)
+
+
+def _resolve(value: str, policy: ImagePolicy) -> str:
+    if not value.strip():
+        raise ImageInputError("No image data provided")
+    if "\x00" in value:
+        raise ImageInputError("Image path contains a NUL character")
+    if policy.image_root:
+        root = os.path.realpath(policy.image_root)
+        candidate = value if os.path.isabs(value) else os.path.join(root, value)
+        real = os.path.realpath(candidate)
+        if real != root and os.path.commonpath([root, real]) != root:
+            raise ImageInputError("Image path is outside the allowed image root")
+        return real
+    return os.path.realpath(os.path.abspath(value))
+
+
+def read_path(value: str, policy: ImagePolicy) -> bytes:
+    """Return the bytes of the file named by ``value``, enforcing the rules in the module doc."""
+    real = _resolve(value, policy)
+    try:
+        info = os.stat(real)
+    except FileNotFoundError:
+        raise ImageInputError(f"Image file not found: {value}") from None
+    except NotADirectoryError:
+        raise ImageInputError(f"Image file not found: {value}") from None
+    except PermissionError:
+        raise ImageInputError(f"Image file is not readable: {value}") from None
+    except OSError:
+        raise ImageInputError(f"Image file could not be accessed: {value}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageInputError(f"Image path is a directory, not a file: {value}")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageInputError(f"Image path is not a regular file: {value}")
+    limit = policy.max_download_bytes
+    if info.st_size > limit:
+        raise too_large_error(limit, "Image file")
+
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError:
+        raise ImageInputError(f"Image file not found: {value}") from None
+    except OSError:
+        # PermissionError, or ELOOP when the file was swapped for a symlink after the checks.
+        raise ImageInputError(f"Image file is not readable: {value}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageInputError(f"Image path is not a regular file: {value}")
+        chunks = []
+        total = 0
+        while True:
+            try:
+                chunk = os.read(fd, _CHUNK)
+            except OSError:
+                raise ImageInputError(f"Image file is not readable: {value}") from None
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise too_large_error(limit, "Image file")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if not data:
+        raise ImageInputError(f"Image file is empty: {value}")
+    return data
+
+
+def decode_base64(value: str, policy: ImagePolicy) -> bytes:
+    """Decode raw base64 or a ``data:<type>;base64,<data>`` URI.
+
+    Whitespace (including newlines) anywhere is ignored; missing ``=`` padding is tolerated, and
+    the URL-safe alphabet (``-``/``_``) is accepted. The decoded size is capped at
+    ``policy.max_download_bytes`` (413), checked from the text length before decoding.
+    """
+    limit = policy.max_download_bytes
+    # Cheap guard before any copying: base64 is 4/3 of the data; allow generous whitespace.
+    if len(value) > (limit // 3 + 2) * 4 * 2 + 4096:
+        raise too_large_error(limit)
+    text = value.strip()
+    if text[:5].lower() == "data:":
+        header, sep, payload = text.partition(",")
+        if not sep:
+            raise ImageInputError("Invalid data URI: missing ',' before the data")
+        params = [p.strip().lower() for p in header[5:].split(";")]
+        if "base64" not in params[1:]:
+            raise ImageInputError("Invalid data URI: only base64-encoded data URIs are supported")
+        text = payload
+    text = _WHITESPACE.sub("", text)
+    if not text:
+        raise ImageInputError("No image data provided")
+    if "-" in text or "_" in text:
+        text = text.translate(str.maketrans("-_", "+/"))
+    unpadded = text.rstrip("=")
+    if len(unpadded) % 4 == 1:
+        raise ImageInputError("Invalid base64 image data")
+    decoded_len = len(unpadded) * 3 // 4
+    if decoded_len > limit:
+        raise too_large_error(limit)
+    text = unpadded + "=" * (-len(unpadded) % 4)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageInputError("Invalid base64 image data") from None
+    if not data:
+        raise ImageInputError("No image data provided")
+    return data
