@@ -11,3 +11,35 @@ def tiny_ckpt(tmp_path_factory):
     from model_runner.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "DotsOCR", seed=0)
+
+
+@pytest.fixture(scope="session")
+def runner(tiny_ckpt):
+    """A ModelRunner on the tiny checkpoint, loaded once (CPU, float32)."""
+    from model_runner.runner import ModelRunner
+
+    return ModelRunner(tiny_ckpt, device="cpu", dtype="float32").load()
+
+
+@pytest.fixture()
+def app(runner, tmp_path):
+    from server import create_app
+
+    return create_app({"image_root": None}, runner=runner)
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def page_image():
+    """A small synthetic 'page' (RGB) with some dark text-like bars."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (220, 300), "white")
+    draw = ImageDraw.Draw(image)
+    for row in range(8):
+        draw.rectangle([20, 20 + row * 32, 200 - (row % 3) * 30, 34 + row * 32], fill=(20, 20, 20))
+    return image

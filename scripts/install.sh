@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create ./.venv (unless a Python environment is already active, e.g. conda) and install the
+# project with its test extras. torch/torchvision are pinned to a pair known to work together
+# (qwen-vl-utils and the fast image processor need torchvision); on a CUDA workstation this pair
+# is PyPI's CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    # shellcheck disable=SC1091
+    . .venv/bin/activate
+fi
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==${DOTS_OCR_TORCH_VERSION:-2.14.1}" "torchvision==${DOTS_OCR_TORCHVISION_VERSION:-0.29.1}"
+python -m pip install -q -e ".[test]"

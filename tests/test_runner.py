@@ -1,0 +1,209 @@
+"""ModelRunner: streaming, the non-streaming loop over it, cancellation, errors, the repetition
+guard, dtypes. All on the tiny random checkpoint, CPU."""
+import threading
+import time
+
+import pytest
+import torch
+
+from model_runner.runner import (GenerationInputError, GenerationStats, ModelRunner, RepetitionGuard,
+                                 resolve_dtype)
+
+
+def _generation_threads():
+    return [t for t in threading.enumerate() if t.name == "dots-ocr-generate" and t.is_alive()]
+
+
+class ForcedTokens:
+    """A forward hook on lm_head that makes greedy decoding emit ``next_token(step)``."""
+
+    def __init__(self, runner, next_token):
+        self.runner = runner
+        self.next_token = next_token
+        self.step = 0
+
+    def __call__(self, module, inputs, output):
+        forced = torch.full_like(output, -1e4)
+        forced[:, -1, self.next_token(self.step)] = 1e4
+        self.step += 1
+        return forced
+
+    def __enter__(self):
+        self.handle = self.runner.model.lm_head.register_forward_hook(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _plain_token_ids(runner, count):
+    """Ordinary (non-special) token ids of the tiny vocabulary; the first one is a space, so that
+    the streamer (which emits text at word boundaries) has something to emit."""
+    tokenizer = runner.processor.tokenizer
+    special = set(tokenizer.all_special_ids) | set(runner._eos_ids())
+    space = tokenizer.convert_tokens_to_ids("\u0120")  # byte-level BPE's space
+    others = [i for i in range(40, 40 + count + len(special)) if i not in special and i != space]
+    return [space] + others[:count - 1]
+
+
+def _aperiodic(ids):
+    """A token sequence with no period under 350 steps (the guard looks for periods <= 128)."""
+    return lambda step: ids[(step * step + step // 7) % len(ids)]
+
+
+def test_stream_joined_equals_generate(runner, page_image):
+    stats = GenerationStats()
+    pieces = list(runner.stream(page_image, "prompt_ocr", temperature=0, max_new_tokens=24, stats=stats))
+    result = runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=24)
+    assert "".join(pieces) == result.text
+    assert result.finish_reason == stats.finish_reason
+    assert stats.finish_reason in ("eos", "length")
+    assert stats.new_tokens == result.stats.new_tokens > 0
+    assert stats.model_size[0] % 28 == 0 and stats.model_size[1] % 28 == 0
+
+
+def test_greedy_is_deterministic_and_sampling_runs(runner, page_image):
+    a = runner.generate(page_image, "prompt_layout_all_en", temperature=0, max_new_tokens=16).text
+    b = runner.generate(page_image, "prompt_layout_all_en", temperature=0, max_new_tokens=16).text
+    assert a == b
+    torch.manual_seed(0)
+    sampled = runner.generate(page_image, "prompt_ocr", temperature=1.0, top_p=0.9, max_new_tokens=16)
+    assert sampled.finish_reason in ("eos", "length")
+
+
+def test_length_finish_reason_and_token_budget(runner, page_image):
+    ids = _plain_token_ids(runner, 50)
+    with ForcedTokens(runner, lambda step: ids[step % len(ids)]):
+        result = runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=7)
+    assert result.stats.new_tokens == 7
+    assert result.finish_reason == "length"
+
+
+def test_eos_finish_reason(runner, page_image):
+    eos = sorted(runner._eos_ids())[-1]  # <|endofassistant|> also ends generation
+    ids = _plain_token_ids(runner, 3)
+    with ForcedTokens(runner, lambda step: eos if step == 3 else ids[step]):
+        result = runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=50)
+    assert result.finish_reason == "eos"
+    assert result.stats.new_tokens == 4
+
+
+def test_cancel_stops_the_thread(runner, page_image):
+    ids = _plain_token_ids(runner, 50)
+    stats = GenerationStats()
+    with ForcedTokens(runner, _aperiodic(ids)):
+        stream = runner.stream(page_image, "prompt_ocr", temperature=0, max_new_tokens=5000, stats=stats)
+        next(stream)
+        assert _generation_threads(), "generation should be running"
+        started = time.perf_counter()
+        stream.close()
+        closed_in = time.perf_counter() - started
+    assert not _generation_threads()
+    assert stats.finish_reason == "cancelled"
+    assert stats.new_tokens < 5000
+    assert closed_in < 5
+    # the runner is free for the next request
+    assert runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=3).stats.new_tokens <= 3
+
+
+def test_should_stop_cancels(runner, page_image):
+    ids = _plain_token_ids(runner, 50)
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        return len(calls) > 5
+
+    with ForcedTokens(runner, _aperiodic(ids)):
+        result = runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=500,
+                                 should_stop=should_stop)
+    assert result.finish_reason == "cancelled"
+    assert result.stats.new_tokens < 20
+
+
+def test_exception_in_generation_reaches_the_caller(runner, page_image):
+    calls = {"n": 0}
+
+    def explode(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom inside decoding")
+
+    handle = runner.model.lm_head.register_forward_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="boom inside decoding"):
+            list(runner.stream(page_image, "prompt_ocr", temperature=0, max_new_tokens=50))
+    finally:
+        handle.remove()
+    assert not _generation_threads()
+
+
+def test_repetition_guard_stops_a_looping_model(tiny_ckpt, page_image):
+    looping = ModelRunner(tiny_ckpt, device="cpu", dtype="float32", repetition_window=60,
+                          repetition_max_period=16).load()
+    ids = _plain_token_ids(looping, 50)
+    cycle = ids[:3]
+    with ForcedTokens(looping, lambda step: cycle[step % 3]):
+        result = looping.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=400)
+    assert result.finish_reason == "repetition"
+    assert 60 <= result.stats.new_tokens < 80
+
+
+def test_repetition_guard_leaves_a_normal_model_alone(tiny_ckpt, page_image):
+    guarded = ModelRunner(tiny_ckpt, device="cpu", dtype="float32", repetition_window=60,
+                          repetition_max_period=16).load()
+    ids = _plain_token_ids(guarded, 50)
+    with ForcedTokens(guarded, _aperiodic(ids)):
+        result = guarded.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=150)
+    assert result.finish_reason == "length"
+    assert result.stats.new_tokens == 150
+
+
+def test_repetition_guard_unit():
+    guard = RepetitionGuard(window=512, max_period=128)
+    # a genuine table: 100 empty cells (3 tokens each, 300 tokens) then text again -> never fires
+    prompt = list(range(1000, 1200))
+    table = prompt + [7, 8, 9] * 100 + list(range(300, 340))
+    fired = [bool(guard(torch.tensor([table[:n]]), None)) for n in range(len(prompt) + 1, len(table) + 1)]
+    assert not any(fired)
+    guard = RepetitionGuard(window=512, max_period=128)
+    loop = prompt + list(range(2000, 2040)) * 30  # a 40-token span repeated over and over
+    fired_at = next(n for n in range(len(prompt) + 1, len(loop) + 1) if bool(guard(torch.tensor([loop[:n]]), None)))
+    assert fired_at - len(prompt) == 512
+
+
+def test_bf16_and_fp32_both_run(tiny_ckpt, page_image):
+    bf16 = ModelRunner(tiny_ckpt, device="cpu", dtype="bfloat16").load()
+    assert bf16.model.dtype == torch.bfloat16
+    result = bf16.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=5)
+    assert result.stats.new_tokens >= 1
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_grounding_maps_bbox_into_the_prompt(runner, page_image, monkeypatch):
+    seen = {}
+    original = runner.processor.render_prompt
+
+    def spy(prompt, n_images=1):
+        seen["prompt"] = prompt
+        return original(prompt, n_images)
+
+    monkeypatch.setattr(runner.processor, "render_prompt", spy)
+    runner.generate(page_image, "prompt_grounding_ocr", bbox=[0, 0, 220, 300], temperature=0, max_new_tokens=2)
+    width, height = runner.model_input_size(*page_image.size)
+    assert seen["prompt"].endswith(f"Bounding Box:\n[0, 0, {width}, {height}]")
+
+
+def test_bad_requests_are_input_errors(runner, page_image):
+    from PIL import Image
+
+    with pytest.raises(GenerationInputError):
+        runner.generate(page_image, "prompt_nope", max_new_tokens=2)
+    with pytest.raises(GenerationInputError):
+        runner.generate(page_image, "prompt_grounding_ocr", max_new_tokens=2)
+    with pytest.raises(GenerationInputError, match="aspect ratio"):
+        runner.generate(Image.new("RGB", (4020, 20)), "prompt_ocr", max_new_tokens=2)
+    # tiny images are scaled up, not rejected
+    assert runner.generate(Image.new("RGB", (10, 10), "white"), "prompt_ocr", temperature=0,
+                           max_new_tokens=2).stats.model_size == (56, 56)

@@ -1,0 +1,399 @@
+"""server.py in-process (Flask test client) on the tiny checkpoint: every documented behaviour
+of API.md and every bad input, with the processing lock checked after each."""
+import base64
+import datetime as dt
+import io
+import json
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from server import BUSY_MESSAGE, ServerConfig, create_app, main, parse_args
+
+PROMPT_LIST = "['prompt_layout_all_en', 'prompt_layout_only_en', 'prompt_ocr', 'prompt_grounding_ocr']"
+
+
+@pytest.fixture()
+def page_path(page_image, tmp_path):
+    path = tmp_path / "page.png"
+    page_image.save(path)
+    return path
+
+
+@pytest.fixture()
+def page_b64(page_image):
+    buffer = io.BytesIO()
+    page_image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _state(app):
+    return app.extensions["dots_ocr"]
+
+
+def _ocr(client, **body):
+    body.setdefault("max_new_tokens", 8)
+    body.setdefault("temperature", 0)
+    return client.post("/ocr", json=body)
+
+
+def _assert_free(app):
+    assert not _state(app).lock.locked()
+    assert not [t for t in threading.enumerate() if t.name == "dots-ocr-generate" and t.is_alive()]
+
+
+# -- /health ------------------------------------------------------------------------------------
+
+
+def test_health(client):
+    response = client.get("/health")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "healthy" and body["model_loaded"] is True
+    assert body["demo"] is False
+
+
+def test_model_not_loaded(tiny_ckpt, page_path):
+    from model_runner.runner import ModelRunner
+
+    class NeverLoads(ModelRunner):
+        def load(self):
+            raise RuntimeError("weights are broken")
+
+    app = create_app({}, runner=NeverLoads(tiny_ckpt, device="cpu"))
+    client = app.test_client()
+    _state(app).loader.join(10)
+    assert client.get("/health").get_json()["model_loaded"] is False
+    assert "weights are broken" in client.get("/health").get_json()["load_error"]
+    response = _ocr(client, image=str(page_path))
+    assert response.status_code == 500
+    assert response.get_json() == {"error": "Model not loaded"}
+
+
+def test_background_loading_then_ready(tiny_ckpt, page_path):
+    app = create_app({"model_path": str(tiny_ckpt), "device": "cpu"})
+    client = app.test_client()
+    assert client.get("/health").status_code == 200  # answers while loading
+    deadline = time.monotonic() + 60
+    while not client.get("/health").get_json()["model_loaded"]:
+        assert time.monotonic() < deadline, "model did not load in time"
+        time.sleep(0.05)
+    assert _ocr(client, image=str(page_path)).status_code == 200
+
+
+def test_demo_mode_is_announced(page_path):
+    app = create_app({"demo": True, "device": "cpu"})
+    client = app.test_client()
+    body = client.get("/health").get_json()
+    assert body["demo"] is True and "RANDOM" in body["warning"]
+    _state(app).loader.join(60)
+    assert client.get("/health").get_json()["model_loaded"] is True
+    assert _ocr(client, image=str(page_path)).status_code == 200
+
+
+# -- /ocr success -------------------------------------------------------------------------------
+
+
+def test_ocr_path_json_response(app, client, page_path):
+    response = _ocr(client, image=str(page_path), image_format="path", prompt_type="prompt_ocr")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert list(body) == ["model", "response", "prompt_type"]
+    assert body["model"] == "dots-ocr" and body["prompt_type"] == "prompt_ocr"
+    assert isinstance(body["response"], str)
+    _assert_free(app)
+
+
+def test_defaults(app, client, page_path, runner, monkeypatch):
+    seen = {}
+    original = runner.stream
+
+    def spy(image, prompt_type, **kwargs):
+        seen.update(kwargs, prompt_type=prompt_type)
+        return original(image, prompt_type, **{**kwargs, "max_new_tokens": 2})
+
+    monkeypatch.setattr(runner, "stream", spy)
+    response = client.post("/ocr", json={"image": str(page_path)})
+    assert response.status_code == 200
+    assert response.get_json()["prompt_type"] == "prompt_layout_all_en"
+    assert seen["temperature"] == 0.1 and seen["top_p"] == 1.0 and seen["max_new_tokens"] == 12000
+
+
+@pytest.mark.parametrize("prompt_type", ["prompt_layout_all_en", "prompt_layout_only_en", "prompt_ocr"])
+def test_every_prompt_type_and_base64(client, page_b64, prompt_type):
+    response = _ocr(client, image=page_b64, image_format="base64", prompt_type=prompt_type)
+    assert response.status_code == 200
+    assert response.get_json()["prompt_type"] == prompt_type
+
+
+def test_grounding_with_bbox(client, page_path):
+    response = _ocr(client, image=str(page_path), prompt_type="prompt_grounding_ocr", bbox=[10, 20, 120, 90])
+    assert response.status_code == 200
+
+
+def test_data_uri_accepted_whatever_the_format(client, page_b64):
+    for image_format in ("path", "url", "base64"):
+        response = _ocr(client, image="data:image/png;base64," + page_b64, image_format=image_format)
+        assert response.status_code == 200, response.get_json()
+
+
+def test_stream_ndjson(app, client, page_path):
+    response = client.post("/ocr", json={"image": str(page_path), "stream": True, "temperature": 0,
+                                         "max_new_tokens": 12, "prompt_type": "prompt_ocr"})
+    assert response.status_code == 200
+    assert response.mimetype == "application/x-ndjson"
+    lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    assert lines[-1]["done"] is True and lines[-1]["response"] == ""
+    for line in lines:
+        assert set(line) == {"model", "created_at", "response", "done"}
+        assert line["model"] == "dots-ocr"
+        dt.datetime.fromisoformat(line["created_at"])
+    assert all(line["done"] is False for line in lines[:-1])
+    streamed = "".join(line["response"] for line in lines)
+    plain = _ocr(client, image=str(page_path), prompt_type="prompt_ocr", max_new_tokens=12).get_json()["response"]
+    assert streamed == plain
+    _assert_free(app)
+
+
+def test_stream_holds_the_lock_until_finished(app, client, page_path):
+    response = client.post("/ocr", json={"image": str(page_path), "stream": True, "temperature": 0,
+                                         "max_new_tokens": 40}, buffered=False)
+    chunks = iter(response.response)
+    next(chunks)
+    assert _state(app).lock.locked()
+    second = _ocr(client, image=str(page_path))
+    assert second.status_code == 429 and second.get_json() == {"error": BUSY_MESSAGE}
+    for _ in chunks:
+        pass
+    response.close()
+    _assert_free(app)
+
+
+def test_stream_closed_early_releases_lock_and_cancels(app, client, page_path):
+    response = client.post("/ocr", json={"image": str(page_path), "stream": True, "temperature": 0,
+                                         "max_new_tokens": 5000}, buffered=False)
+    next(iter(response.response))
+    response.close()  # the client went away
+    _assert_free(app)
+    assert _ocr(client, image=str(page_path)).status_code == 200
+
+
+def test_error_after_stream_started_ends_with_error_line(app, client, page_path, runner):
+    calls = {"n": 0}
+
+    def explode(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("decoder exploded")
+
+    handle = runner.model.lm_head.register_forward_hook(explode)
+    try:
+        response = client.post("/ocr", json={"image": str(page_path), "stream": True, "temperature": 0,
+                                             "max_new_tokens": 50})
+        lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    finally:
+        handle.remove()
+    assert response.status_code == 200
+    assert lines[-1]["done"] is True and "decoder exploded" in lines[-1]["error"]
+    _assert_free(app)
+
+
+def test_error_in_non_streaming_generation_is_json_500(app, client, page_path, runner):
+    def explode(module, inputs, output):
+        raise RuntimeError("no luck")
+
+    handle = runner.model.lm_head.register_forward_hook(explode)
+    try:
+        response = _ocr(client, image=str(page_path))
+    finally:
+        handle.remove()
+    assert response.status_code == 500 and "error" in response.get_json()
+    _assert_free(app)
+
+
+# -- errors word for word -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [{}, {"image": ""}, {"image": None}, {"prompt_type": "prompt_ocr"}])
+def test_no_image(app, client, body):
+    response = client.post("/ocr", json=body)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "No image data provided"}
+    _assert_free(app)
+
+
+def test_invalid_prompt_type(app, client, page_path):
+    response = _ocr(client, image=str(page_path), prompt_type="prompt_poetry")
+    assert response.status_code == 400
+    assert response.get_json() == {"error": f"Invalid prompt_type. Must be one of: {PROMPT_LIST}"}
+
+
+def test_busy(app, client, page_path):
+    assert _state(app).lock.acquire(blocking=False)
+    try:
+        response = _ocr(client, image=str(page_path))
+    finally:
+        _state(app).lock.release()
+    assert response.status_code == 429
+    assert response.get_json() == {"error": "Server is busy processing another request"}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", "0.5"), ("temperature", True), ("temperature", -0.1), ("temperature", None),
+    ("top_p", 0), ("top_p", 1.5), ("top_p", "1"),
+    ("max_new_tokens", 0), ("max_new_tokens", 10.0), ("max_new_tokens", True), ("max_new_tokens", 10 ** 9),
+    ("stream", "true"), ("stream", 1),
+    ("image_format", "ftp"), ("image", 42),
+])
+def test_validation_names_the_field(app, client, page_path, field, value):
+    body = {"image": str(page_path), field: value}
+    response = client.post("/ocr", json=body)
+    assert response.status_code == 400
+    assert field in response.get_json()["error"]
+    _assert_free(app)
+
+
+def test_nan_rejected(client, page_path):
+    raw = '{"image": "%s", "temperature": NaN}' % page_path
+    response = client.post("/ocr", data=raw, content_type="application/json")
+    assert response.status_code == 400 and "temperature" in response.get_json()["error"]
+
+
+def test_unknown_field_is_named(client, page_path):
+    response = _ocr(client, image=str(page_path), temprature=0.2)
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "Unknown field 'temprature'"}
+
+
+@pytest.mark.parametrize("bbox", [None, [1, 2, 3], [10, 10, 5, 20], [-1, 0, 5, 5], ["a", 0, 5, 5], [0, 0, True, 5]])
+def test_grounding_bbox_checked(client, page_path, bbox):
+    body = {"image": str(page_path), "prompt_type": "prompt_grounding_ocr"}
+    if bbox is not None:
+        body["bbox"] = bbox
+    response = client.post("/ocr", json=body)
+    assert response.status_code == 400
+    assert "bbox" in response.get_json()["error"]
+
+
+def test_bbox_without_grounding_rejected(client, page_path):
+    response = _ocr(client, image=str(page_path), prompt_type="prompt_ocr", bbox=[0, 0, 5, 5])
+    assert response.status_code == 400 and "bbox" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("raw", ["{not json", "[1, 2]", '"just a string"', ""])
+def test_bad_json_is_json_error(app, client, raw):
+    response = client.post("/ocr", data=raw, content_type="application/json")
+    assert response.status_code == 400
+    assert response.is_json and "error" in response.get_json()
+    _assert_free(app)
+
+
+def test_404_405_413_are_json(runner, page_b64):
+    app = create_app({"max_body_mb": 0.01}, runner=runner)
+    client = app.test_client()
+    r404 = client.get("/nope")
+    assert r404.status_code == 404 and r404.is_json and "error" in r404.get_json()
+    r405 = client.get("/ocr")
+    assert r405.status_code == 405 and r405.is_json and "error" in r405.get_json()
+    r413 = client.post("/ocr", json={"image": page_b64 * 20, "image_format": "base64"})
+    assert r413.status_code == 413 and r413.is_json and "error" in r413.get_json()
+    _assert_free(app)
+
+
+@pytest.mark.parametrize("image,image_format,status", [
+    ("/definitely/not/here.png", "path", 400),
+    ("not base64 at all!!", "base64", 400),
+    (base64.b64encode(b"hello, I am text").decode(), "base64", 400),
+    ("file:///etc/passwd", "url", 400),
+    ("http://127.0.0.1:9/x.png", "url", 400),
+])
+def test_bad_images(app, client, image, image_format, status):
+    response = _ocr(client, image=image, image_format=image_format)
+    assert response.status_code == status
+    assert response.get_json()["error"]
+    _assert_free(app)
+
+
+def test_truncated_and_non_image_files(app, client, page_image, tmp_path):
+    buffer = io.BytesIO()
+    page_image.save(buffer, format="JPEG")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    text = tmp_path / "notes.png"
+    text.write_text("plain text, not a picture")
+    for path in (truncated, text, tmp_path):
+        response = _ocr(client, image=str(path))
+        assert response.status_code == 400, path
+        _assert_free(app)
+
+
+def test_extreme_aspect_ratio_is_400(app, client, tmp_path):
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (6000, 20), "white").save(path)
+    response = _ocr(client, image=str(path))
+    assert response.status_code == 400 and "aspect" in response.get_json()["error"].lower()
+    _assert_free(app)
+
+
+def test_image_root_confines_paths(runner, tmp_path, page_image):
+    root = tmp_path / "root"
+    root.mkdir()
+    page_image.save(root / "inside.png")
+    page_image.save(tmp_path / "outside.png")
+    (root / "escape.png").symlink_to(tmp_path / "outside.png")
+    client = create_app({"image_root": str(root)}, runner=runner).test_client()
+    assert _ocr(client, image=str(root / "inside.png")).status_code == 200
+    assert _ocr(client, image=str(tmp_path / "outside.png")).status_code == 400
+    assert _ocr(client, image=str(root / "escape.png")).status_code == 400
+
+
+def test_api_key(runner, page_path):
+    client = create_app({"api_key": "s3cret"}, runner=runner).test_client()
+    assert client.get("/health").status_code == 200
+    body = {"image": str(page_path), "max_new_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        response = client.post("/ocr", json=body, headers=headers)
+        assert response.status_code == 401 and "error" in response.get_json()
+    assert client.post("/ocr", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_no_temporary_files_left(client, page_b64, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    assert _ocr(client, image=page_b64, image_format="base64").status_code == 200
+    assert _ocr(client, image="bm90IGFuIGltYWdl", image_format="base64").status_code == 400
+    assert list(scratch.iterdir()) == []
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+def test_flags_and_environment(monkeypatch):
+    assert parse_args([]) == ServerConfig()
+    monkeypatch.setenv("DOTS_OCR_PORT", "6001")
+    monkeypatch.setenv("DOTS_OCR_ALLOW_PRIVATE_URLS", "true")
+    monkeypatch.setenv("DOTS_OCR_API_KEY", "k")
+    config = parse_args(["--device", "cpu", "--max-new-tokens-limit", "100", "--image-root", "/data"])
+    assert (config.port, config.allow_private_urls, config.api_key) == (6001, True, "k")
+    assert (config.device, config.max_new_tokens_limit, config.image_root) == ("cpu", 100, "/data")
+    assert parse_args(["--port", "7000"]).port == 7000  # a flag beats the environment
+
+
+def test_missing_weights_message(tmp_path, capsys):
+    assert main(["--model-path", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "--model-path" in err and "--demo" in err and "download" in err
+
+
+def test_max_new_tokens_limit_from_config(runner, page_path):
+    client = create_app({"max_new_tokens_limit": 16}, runner=runner).test_client()
+    assert _ocr(client, image=str(page_path), max_new_tokens=16).status_code == 200
+    response = _ocr(client, image=str(page_path), max_new_tokens=17)
+    assert response.status_code == 400 and "max_new_tokens" in response.get_json()["error"]
