@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Run the dots-ocr-server client from a checkout: python scripts/ocr_client.py INPUT... [options]
+
+(Installed with pip, the same program is the ``dots-ocr-client`` command.)
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ocr_client.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
