@@ -145,7 +145,13 @@ class OCRRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     max_new_tokens: int = Field(12000, ge=1)
     stream: bool = False
-    bbox: list[float] | None = None
+    bbox: list[int | float] | None = None
+    # Extensions (issue 5); absent, the request and its response are exactly API.md's.
+    page: int = Field(1, ge=1)  # PDF page, 1-based
+    dpi: int | None = Field(None, ge=36, le=600)  # PDF render resolution (default 200)
+    postprocess: bool = False  # add layout (original pixels), markdown, repaired
+    skip_headers_footers: bool = False  # markdown without Page-header / Page-footer
+    visualize: bool = False  # add a base64 PNG of the page with its layout drawn
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -157,7 +163,7 @@ class OCRRequest(BaseModel):
 
     @field_validator("bbox")
     @classmethod
-    def _box_shape(cls, value: list[float] | None) -> list[float] | None:
+    def _box_shape(cls, value: list[int | float] | None) -> list[int | float] | None:
         if value is None:
             return value
         if len(value) != 4:
@@ -175,6 +181,12 @@ class OCRRequest(BaseModel):
             raise ValueError("'bbox' is required for prompt_grounding_ocr: [x1, y1, x2, y2] in image pixels")
         if self.prompt_type != "prompt_grounding_ocr" and self.bbox is not None:
             raise ValueError("'bbox' is only used with prompt_grounding_ocr")
+        layout_types = ("prompt_layout_all_en", "prompt_layout_only_en", "prompt_grounding_ocr")
+        for name in ("postprocess", "visualize"):
+            if getattr(self, name) and self.prompt_type not in layout_types:
+                raise ValueError(f"'{name}' applies to the layout prompt types {list(layout_types)}")
+        if self.skip_headers_footers and not self.postprocess:
+            raise ValueError("'skip_headers_footers' needs 'postprocess': true")
         return self
 
 
@@ -350,24 +362,26 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
             raise RequestError(BUSY_MESSAGE, 429)
         release = _once(state.lock.release)
         try:
-            pieces, first = _start_generation(runner, policy, req, _client_gone_probe(request.environ))
+            job = _start_job(runner, policy, req, _client_gone_probe(request.environ))
         except BaseException:
             release()
             raise
         if req.stream:
-            response = Response(_stream_lines(pieces, first, release), mimetype="application/x-ndjson")
+            response = Response(_stream_lines(job, release), mimetype="application/x-ndjson")
             response.headers["Cache-Control"] = "no-cache"
             response.headers["X-Accel-Buffering"] = "no"
             # If the client is gone before the body is iterated, the WSGI server still closes it.
-            response.call_on_close(pieces.close)
+            response.call_on_close(job.pieces.close)
             response.call_on_close(release)
             return response
         try:
-            text = first + "".join(pieces)
+            text = job.first + "".join(job.pieces)
+            body = {"model": MODEL_NAME, "response": text, "prompt_type": req.prompt_type}
+            body.update(job.extra_fields(text))
         finally:
-            pieces.close()
+            job.pieces.close()
             release()
-        return jsonify({"model": MODEL_NAME, "response": text, "prompt_type": req.prompt_type})
+        return jsonify(body)
 
     return app
 
@@ -391,42 +405,84 @@ def _check_api_key(config: ServerConfig) -> None:
         raise RequestError("Unauthorized: send 'Authorization: Bearer <api key>'", 401)
 
 
-def _start_generation(runner, policy, req: OCRRequest, should_stop) -> tuple[Iterator[str], str]:
-    """Load the image and run generation up to its first text piece, so that a bad image or an
+@dataclass
+class _Job:
+    """One /ocr request past validation: its page, the running generation, its first piece."""
+
+    req: OCRRequest
+    document: Any  # image_utils.LoadedImage
+    pieces: Iterator[str]
+    first: str
+    stats: Any  # model_runner.runner.GenerationStats
+
+    def extra_fields(self, text: str) -> dict[str, Any]:
+        """The fields beyond API.md that the request asked for (none when it asked for none)."""
+        from image_utils import to_original_coords
+
+        extra: dict[str, Any] = {}
+        if self.document.source_kind == "pdf":
+            extra["page"] = self.document.page
+            extra["page_count"] = self.document.page_count
+        if self.req.postprocess or self.req.visualize:
+            from layout import postprocess_response, visualize_png_base64
+
+            processed = postprocess_response(
+                text, prompt_type=self.req.prompt_type, model_size=self.stats.model_size,
+                original_size=self.stats.original_size, image=self.document.image,
+                skip_headers_footers=self.req.skip_headers_footers, picture_mode="ref",
+                to_original=to_original_coords, grounding_bbox=self.req.bbox)
+            if self.req.postprocess:
+                extra.update(processed)
+            if self.req.visualize:
+                extra["visualization"] = visualize_png_base64(self.document.image, processed["layout"])
+        return extra
+
+
+def _start_job(runner, policy, req: OCRRequest, should_stop) -> _Job:
+    """Load the page and run generation up to its first text piece, so that a bad image or an
     impossible request is still answered with a plain JSON error (before any streamed line)."""
-    from image_utils import ImageInputError, load_image
-    from model_runner.runner import GenerationInputError
+    from image_utils import ImageInputError, load_document
+    from model_runner.runner import GenerationInputError, GenerationStats
 
     try:
-        image = load_image(req.image, req.image_format, policy)
+        document = load_document(req.image, req.image_format, policy, page=req.page, dpi=req.dpi)
     except ImageInputError as exc:
         raise RequestError(exc.message, exc.status) from None
-    pieces = runner.stream(image, req.prompt_type, bbox=req.bbox, temperature=req.temperature,
-                           top_p=req.top_p, max_new_tokens=req.max_new_tokens, should_stop=should_stop)
+    stats = GenerationStats()
+    pieces = runner.stream(document.image, req.prompt_type, bbox=req.bbox, temperature=req.temperature,
+                           top_p=req.top_p, max_new_tokens=req.max_new_tokens, stats=stats,
+                           should_stop=should_stop)
     try:
         first = next(pieces, "")
     except GenerationInputError as exc:
         raise RequestError(str(exc), 400) from None
-    return pieces, first
+    return _Job(req=req, document=document, pieces=pieces, first=first, stats=stats)
 
 
-def _stream_lines(pieces: Iterator[str], first: str, release: Callable[[], None]) -> Iterator[bytes]:
-    """NDJSON lines, one per text piece, then the closing ``done`` line. An error after the first
-    line ends the stream with a last line carrying ``error`` and ``done: true``."""
+def _stream_lines(job: _Job, release: Callable[[], None]) -> Iterator[bytes]:
+    """NDJSON lines, one per text piece, then the closing ``done`` line (which carries the extra
+    fields the request asked for). An error after the first line ends the stream with a last
+    line carrying ``error`` and ``done: true``."""
+    def line(response: str, done: bool, **extra) -> bytes:
+        return _ndjson({"model": MODEL_NAME, "created_at": _now_iso(), "response": response, "done": done,
+                        **extra})
+
+    text = [job.first]
     try:
-        if first:
-            yield _ndjson({"model": MODEL_NAME, "created_at": _now_iso(), "response": first, "done": False})
+        if job.first:
+            yield line(job.first, False)
         try:
-            for piece in pieces:
-                yield _ndjson({"model": MODEL_NAME, "created_at": _now_iso(), "response": piece, "done": False})
+            for piece in job.pieces:
+                text.append(piece)
+                yield line(piece, False)
+            extra = job.extra_fields("".join(text))
         except Exception as exc:  # noqa: BLE001 - the client gets it as the stream's last line
             log.exception("generation failed mid-stream")
-            yield _ndjson({"model": MODEL_NAME, "created_at": _now_iso(), "response": "", "done": True,
-                           "error": f"Generation failed: {exc}"})
+            yield line("", True, error=f"Generation failed: {exc}")
             return
-        yield _ndjson({"model": MODEL_NAME, "created_at": _now_iso(), "response": "", "done": True})
+        yield line("", True, **extra)
     finally:
-        pieces.close()  # cancels generation if the client went away mid-stream
+        job.pieces.close()  # cancels generation if the client went away mid-stream
         release()
 
 

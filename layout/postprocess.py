@@ -19,7 +19,8 @@ def postprocess_response(text: str, *, prompt_type: str, model_size: tuple[int, 
                          original_size: tuple[int, int], image=None,
                          skip_headers_footers: bool = False,
                          picture_mode: Literal["ref", "embed"] | None = None,
-                         to_original: BBoxMapper | None = None) -> dict[str, Any]:
+                         to_original: BBoxMapper | None = None,
+                         grounding_bbox: list[int] | None = None) -> dict[str, Any]:
     """Parse, repair and map a model answer. -> ``{"layout", "markdown", "repaired"}``.
 
     * ``layout``: the cells with bboxes in original-image pixels (``original_size`` = (w, h) of the
@@ -35,7 +36,9 @@ def postprocess_response(text: str, *, prompt_type: str, model_size: tuple[int, 
     Exception: for ``prompt_grounding_ocr`` a plain-text answer is the normal case (the model
     returns the text inside the box), so there ``repaired`` is False. Prompt types outside
     :data:`LAYOUT_PROMPT_TYPES` are passed through the same way (layout [], markdown = text,
-    repaired False). Never raises because of the model's text; raises ValueError only for
+    repaired False). With ``grounding_bbox`` (the client's box, original pixels) a plain-text
+    grounding answer becomes one cell holding that box as given, so the box the client sent
+    comes back unchanged (exact round trip). Never raises because of the model's text; raises ValueError only for
     non-positive sizes or an unknown ``picture_mode`` (caller bugs).
     """
     if picture_mode is None:
@@ -46,6 +49,10 @@ def postprocess_response(text: str, *, prompt_type: str, model_size: tuple[int, 
     if prompt_type not in LAYOUT_PROMPT_TYPES:
         return {"layout": [], "markdown": raw.strip(), "repaired": False}
     result = parse_layout(raw)
+    if not result.ok and prompt_type == "prompt_grounding_ocr" and grounding_bbox is not None:
+        text = raw.strip()
+        cell = {"bbox": list(grounding_bbox), "category": "Text", "text": text}
+        return {"layout": [cell], "markdown": text, "repaired": False}
     if not result.ok:
         return {"layout": [], "markdown": result.fallback_text or "",
                 "repaired": prompt_type != "prompt_grounding_ocr"}

@@ -93,6 +93,10 @@ class DotsOCRProcessor:
 def load_processor(path: str | Path) -> DotsOCRProcessor:
     """The processor of a dots.ocr checkpoint folder: its tokenizer files and
     ``preprocessor_config.json`` (read into transformers' ``Qwen2VLImageProcessor``)."""
+    # Importing the model module registers DotsOCRConfig for model_type "dots_ocr"; without it
+    # AutoTokenizer sees the folder's auto_map and asks whether to trust its remote code.
+    from . import modeling_dots_ocr  # noqa: F401
+
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = Qwen2VLImageProcessor.from_pretrained(path)

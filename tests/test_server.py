@@ -397,3 +397,105 @@ def test_max_new_tokens_limit_from_config(runner, page_path):
     assert _ocr(client, image=str(page_path), max_new_tokens=16).status_code == 200
     response = _ocr(client, image=str(page_path), max_new_tokens=17)
     assert response.status_code == 400 and "max_new_tokens" in response.get_json()["error"]
+
+
+# -- documents and post-processing (issue 5) ------------------------------------------------------
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+@pytest.fixture()
+def pdf_b64():
+    return base64.b64encode((DATA / "demo_pdf1.pdf").read_bytes()).decode()
+
+
+def test_pdf_pages(app, client, pdf_b64):
+    for page in (1, 2):
+        response = _ocr(client, image=pdf_b64, image_format="base64", page=page, prompt_type="prompt_ocr")
+        assert response.status_code == 200, response.get_json()
+        body = response.get_json()
+        assert list(body) == ["model", "response", "prompt_type", "page", "page_count"]
+        assert (body["page"], body["page_count"]) == (page, 2)
+    default = _ocr(client, image=pdf_b64, image_format="base64").get_json()
+    assert default["page"] == 1
+    for bad in ({"page": 3}, {"page": 0}, {"page": "2"}, {"dpi": 10}, {"dpi": 2000}):
+        response = _ocr(client, image=pdf_b64, image_format="base64", **bad)
+        assert response.status_code == 400, bad
+        assert ("page" in response.get_json()["error"].lower()) or ("dpi" in response.get_json()["error"])
+    _assert_free(app)
+
+
+def test_pdf_stream_carries_page_on_last_line(client, pdf_b64):
+    response = client.post("/ocr", json={"image": pdf_b64, "image_format": "base64", "page": 2, "stream": True,
+                                         "max_new_tokens": 6, "temperature": 0})
+    lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    assert lines[-1]["done"] is True and (lines[-1]["page"], lines[-1]["page_count"]) == (2, 2)
+    assert all("page" not in line for line in lines[:-1])
+
+
+def test_broken_pdf_is_400(app, client):
+    broken = base64.b64encode(b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\ntrailer garbage").decode()
+    response = _ocr(client, image=broken, image_format="base64")
+    assert response.status_code == 400 and "pdf" in response.get_json()["error"].lower()
+    _assert_free(app)
+
+
+def _answer_with(runner, monkeypatch, answer: str):
+    """Make the runner 'say' ``answer`` (after running its real input preparation)."""
+    def fake_stream(image, prompt_type, *, stats, bbox=None, **kwargs):
+        runner.prepare(image, prompt_type, bbox, stats)
+        yield from (answer[i:i + 7] for i in range(0, len(answer), 7))
+
+    monkeypatch.setattr(runner, "stream", fake_stream)
+
+
+def test_postprocess_maps_boxes_to_original_pixels(client, runner, page_path, page_image, monkeypatch):
+    model_w, model_h = runner.model_input_size(*page_image.size)
+    answer = json.dumps([
+        {"bbox": [0, 0, model_w, model_h // 2], "category": "Title", "text": "# Hello"},
+        {"bbox": [10, model_h // 2, model_w - 10, model_h], "category": "Picture"},
+        {"bbox": [0, 0, 28, 28], "category": "Page-footer", "text": "p. 1"},
+    ])
+    _answer_with(runner, monkeypatch, answer)
+    body = _ocr(client, image=str(page_path), postprocess=True, skip_headers_footers=True).get_json()
+    assert body["response"] == answer
+    assert body["repaired"] is False
+    width, height = page_image.size
+    first = body["layout"][0]
+    assert first["bbox"][0] == 0 and first["bbox"][2] == width and first["category"] == "Title"
+    assert all(0 <= c["bbox"][2] <= width and 0 <= c["bbox"][3] <= height for c in body["layout"])
+    assert "# Hello" in body["markdown"] and "![Picture]" in body["markdown"] and "p. 1" not in body["markdown"]
+
+
+def test_postprocess_repairs_and_never_fails(client, runner, page_path, monkeypatch):
+    _answer_with(runner, monkeypatch, '[{"bbox": [1, 2, 30, 40], "category": "Text", "text": "a"}'
+                                      '{"bbox": [1, 50, 30, 90], "category": "Text", "text": "b"}, {"bbox": [3, ')
+    body = _ocr(client, image=str(page_path), postprocess=True).get_json()
+    assert body["repaired"] is True and [c["text"] for c in body["layout"]] == ["a", "b"]
+    _answer_with(runner, monkeypatch, "no json here at all")
+    body = _ocr(client, image=str(page_path), postprocess=True).get_json()
+    assert body["layout"] == [] and body["markdown"] == "no json here at all" and body["repaired"] is True
+
+
+def test_grounding_postprocess_returns_the_same_box(client, runner, page_path, monkeypatch):
+    _answer_with(runner, monkeypatch, "inside the box")
+    bbox = [13, 27, 151, 203]
+    body = _ocr(client, image=str(page_path), prompt_type="prompt_grounding_ocr", bbox=bbox,
+                postprocess=True).get_json()
+    assert body["layout"] == [{"bbox": bbox, "category": "Text", "text": "inside the box"}]
+
+
+def test_visualize_adds_a_png_of_the_page(client, runner, page_path, page_image, monkeypatch):
+    _answer_with(runner, monkeypatch, json.dumps([{"bbox": [0, 0, 56, 56], "category": "Text", "text": "x"}]))
+    body = _ocr(client, image=str(page_path), visualize=True).get_json()
+    assert list(body) == ["model", "response", "prompt_type", "visualization"]
+    drawn = Image.open(io.BytesIO(base64.b64decode(body["visualization"])))
+    assert drawn.format == "PNG" and drawn.size == page_image.size
+
+
+@pytest.mark.parametrize("extra", [{"postprocess": True}, {"visualize": True}, {"skip_headers_footers": True},
+                                   {"postprocess": "yes"}])
+def test_postprocess_needs_a_layout_prompt(client, page_path, extra):
+    response = _ocr(client, image=str(page_path), prompt_type="prompt_ocr", **extra)
+    assert response.status_code == 400
+    assert list(extra)[0] in response.get_json()["error"]
