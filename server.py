@@ -62,6 +62,7 @@ class ServerConfig:
     max_image_pixels: int = 100_000_000
     max_new_tokens_limit: int = 24000
     repetition_window: int = 512
+    compile: bool | None = None  # CUDA fast path (static cache + compiled decode): None = on for CUDA
     threads: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +93,8 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-image-pixels", dict(type=int, help="largest decoded image (width x height)")),
     ("--max-new-tokens-limit", dict(type=int, help="largest max_new_tokens a request may ask for")),
     ("--repetition-window", dict(type=int, help="tokens of exact repetition that stop a looping page (0: off)")),
+    ("--compile", dict(action=argparse.BooleanOptionalAction,
+                       help="CUDA fast path: static KV cache + compiled decode step (default: on with CUDA, off on CPU)")),
     ("--threads", dict(type=int, help="request threads (one request runs; the others get 429)")),
 ]
 
@@ -100,7 +103,7 @@ def _env_value(name: str, spec: dict[str, Any]):
     raw = os.environ.get("DOTS_OCR_" + name.upper())
     if raw is None:
         return None
-    if spec.get("action") == "store_true":
+    if spec.get("action") in ("store_true", argparse.BooleanOptionalAction):
         return raw.strip().lower() in ("1", "true", "yes", "on")
     return spec.get("type", str)(raw)
 
