@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,18 +18,13 @@ import requests
 from PIL import Image, ImageDraw
 
 from ocr_client.cli import assign_names, backoff_delay, collect_inputs, main
+from serverproc import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
 PDF = DATA / "demo_pdf1.pdf"
 DPI = 72  # keeps the tiny model fast on CPU (an A3 page is 842 x 1191 px at 72 dpi)
 PAGE_FILES = ("response.json", "layout.json", "page.md", "page.png")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _page_image(width: int, height: int, seed: int) -> Image.Image:
@@ -67,38 +59,8 @@ def inputs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def real_server(tiny_ckpt, tmp_path_factory):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server-log") / "server.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "server.py", "--model-path", str(tiny_ckpt), "--port", str(port), "--device", "cpu",
-         "--threads", "4"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(url + "/health", timeout=2).json().get("model_loaded"):
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server.py did not load its model in time:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
+    with running_server(tiny_ckpt, "--threads", "4", log_dir=tmp_path_factory.mktemp("server-log")) as url:
         yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # gunicorn: the arbiter and its worker
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
 
 
 def _run(*args: str) -> int:
@@ -188,7 +150,7 @@ def test_stream_and_plain_ocr_prompt(real_server, inputs, tmp_path):
 
 
 def test_server_down_exit_2(inputs, tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "ocr_client.py"), str(inputs / "alpha.png"),
@@ -361,7 +323,7 @@ def test_force_with_server_down_keeps_done_pages(fake, inputs, tmp_path):
     fake.script = [ok_answer]
     out = tmp_path / "out"
     assert _fake_run(fake, str(inputs / "alpha.png"), "--out", str(out)) == 0
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     assert main([str(inputs / "alpha.png"), "--out", str(out), "--server", url, "--force", "--no-progress"]) == 2
     assert (out / "alpha" / "page_0001" / "response.json").is_file()
     # Nothing left to do: a resumed run succeeds without asking the (dead) server anything.
