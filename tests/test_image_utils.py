@@ -1,6 +1,6 @@
 """Tests for image_utils: sources (path / base64 / url), decoding, PDF pages, geometry.
 
-Everything is generated in-test except the two sample files in tests/data. URL tests only ever
+Everything is generated in-test except the two sample files in samples/. URL tests only ever
 talk to a server on 127.0.0.1 started here; refusals of other addresses happen before any
 connection is attempted.
 """
@@ -35,7 +35,7 @@ from image_utils import (
 )
 from image_utils import url_fetch
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "samples"
 
 
 # --------------------------------------------------------------------------------------------

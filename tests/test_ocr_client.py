@@ -21,7 +21,7 @@ from ocr_client.cli import assign_names, backoff_delay, collect_inputs, main
 from serverproc import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "samples"
 PDF = DATA / "demo_pdf1.pdf"
 DPI = 72  # keeps the tiny model fast on CPU (an A3 page is 842 x 1191 px at 72 dpi)
 PAGE_FILES = ("response.json", "layout.json", "page.md", "page.png")

@@ -401,7 +401,7 @@ def test_max_new_tokens_limit_from_config(runner, page_path):
 
 # -- documents and post-processing (issue 5) ------------------------------------------------------
 
-DATA = __import__("pathlib").Path(__file__).parent / "data"
+DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "samples"
 
 
 @pytest.fixture()
