@@ -22,6 +22,8 @@ No code from the checkpoint folder is ever imported or executed (no ``trust_remo
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import math
@@ -541,6 +543,13 @@ class DotsVisionTransformer(nn.Module):
 # ================================================================================================
 
 
+@functools.cache
+def _llm_cache_argument() -> str:
+    """The name under which the installed transformers' Qwen2 takes its KV cache: ``past_key_values``
+    up to 5.23, ``cache`` from 5.24 on. Our forward accepts both and passes the right one on."""
+    return "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
+
+
 def _cache_length(past_key_values: Any) -> int:
     """Number of tokens already in the KV cache (0 for None / an empty cache)."""
     if past_key_values is None:
@@ -608,6 +617,9 @@ class DotsOCRForCausalLM(Qwen2ForCausalLM):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         kwargs.pop("mm_token_type_ids", None)  # some processors emit it; the model does not use it
+        # transformers >= 5.24 calls the KV cache `cache`; accept either name.
+        cache = kwargs.pop("cache", None)
+        past_key_values = past_key_values if past_key_values is not None else cache
 
         # Images are consumed only at prefill (empty cache); decode steps ignore pixel_values.
         is_prefill = _cache_length(past_key_values) == 0
@@ -628,11 +640,11 @@ class DotsOCRForCausalLM(Qwen2ForCausalLM):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
+            **{_llm_cache_argument(): past_key_values},
             **kwargs,
         )
 
@@ -642,6 +654,7 @@ class DotsOCRForCausalLM(Qwen2ForCausalLM):
         past_key_values: Any = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
+        is_first_iteration: bool | None = None,
         **kwargs,
     ) -> dict:
         """Stock preparation, plus: pixel_values / image_grid_thw only while the KV cache is empty.
@@ -652,9 +665,13 @@ class DotsOCRForCausalLM(Qwen2ForCausalLM):
         """
         kwargs.pop("cache_position", None)
         kwargs.pop("mm_token_type_ids", None)
-        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+        cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)
+        kwargs[_llm_cache_argument()] = cache
+        if is_first_iteration is not None:
+            kwargs["is_first_iteration"] = is_first_iteration
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         model_inputs.pop("cache_position", None)
-        if _cache_length(past_key_values) == 0:
+        if is_first_iteration or _cache_length(cache) == 0:
             model_inputs["pixel_values"] = pixel_values
             model_inputs["image_grid_thw"] = image_grid_thw
         else:
