@@ -126,11 +126,12 @@ class RepetitionGuard(StoppingCriteria):
 
 
 class _GenerationThread(threading.Thread):
-    """Runs ``model.generate`` and keeps its result or exception for the consumer."""
+    """Runs the generate callable (``model.generate``, or the fast path's ``StaticDecoder.generate``,
+    which takes the same arguments) and keeps its result or exception for the consumer."""
 
-    def __init__(self, model, kwargs: dict[str, Any], streamer: TextIteratorStreamer):
+    def __init__(self, generate: Callable[..., Any], kwargs: dict[str, Any], streamer: TextIteratorStreamer):
         super().__init__(name="dots-ocr-generate", daemon=True)
-        self._model = model
+        self._generate = generate
         self._kwargs = kwargs
         self._streamer = streamer
         self.output: torch.Tensor | None = None
@@ -139,7 +140,7 @@ class _GenerationThread(threading.Thread):
     def run(self) -> None:
         try:
             with torch.inference_mode():
-                self.output = self._model.generate(**self._kwargs)
+                self.output = self._generate(**self._kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             self.error = exc
             self._streamer.end()  # wake the consumer; it re-raises `error`
@@ -212,7 +213,8 @@ class ModelRunner:
 
     def __init__(self, model_path: str | Path, *, device: str = "auto", dtype: str | torch.dtype = "auto",
                  attn_implementation: str = "auto", repetition_window: int = 512,
-                 repetition_max_period: int = 128, poll_interval_s: float = 0.5):
+                 repetition_max_period: int = 128, poll_interval_s: float = 0.5, compile: bool | None = None,
+                 max_new_tokens_limit: int = 24000):
         self.model_path = Path(model_path)
         self.device_name = device
         self.dtype_name = dtype
@@ -228,13 +230,21 @@ class ModelRunner:
         self.dtype: torch.dtype | None = None
         self.attn_implementation: tuple[str, str] | None = None
         self.load_seconds: float | None = None
+        # CUDA fast path (model_runner.fast_decode): None = on for CUDA, off on CPU; True on CPU is
+        # allowed (dynamo capture with a CPU-safe backend; for tests). The static cache is sized for
+        # the largest page prompt plus ``max_new_tokens_limit`` new tokens.
+        self.compile = compile
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.decoder = None  # StaticDecoder when the fast path is on
+        self.fast_path = False
 
     @classmethod
     def from_config(cls, config) -> "ModelRunner":
         """Build from the server's config object (attributes of the same names)."""
         return cls(config.model_path, device=config.device, dtype=config.dtype,
                    attn_implementation=config.attn_implementation,
-                   repetition_window=config.repetition_window)
+                   repetition_window=config.repetition_window, compile=getattr(config, "compile", None),
+                   max_new_tokens_limit=getattr(config, "max_new_tokens_limit", 24000))
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -257,11 +267,43 @@ class ModelRunner:
                                                    attn_implementation=llm_attn,
                                                    vision_attn_implementation=vision_attn)
         self.device, self.dtype, self.attn_implementation = device, dtype, (llm_attn, vision_attn)
+        # the fast path is built and warmed up before `loaded` turns true (/health: model_loaded)
+        self.decoder = self.build_fast_path(model, processor, device)
+        self.fast_path = self.decoder is not None
         self.processor, self.model = processor, model
         self.load_seconds = time.perf_counter() - start
-        log.info("loaded %s on %s (%s, attention llm=%s vision=%s) in %.1f s", self.model_path, device,
-                 str(dtype).removeprefix("torch."), llm_attn, vision_attn, self.load_seconds)
+        log.info("loaded %s on %s (%s, attention llm=%s vision=%s, fast path %s) in %.1f s", self.model_path,
+                 device, str(dtype).removeprefix("torch."), llm_attn, vision_attn,
+                 "on" if self.fast_path else "off", self.load_seconds)
         return self
+
+    def build_fast_path(self, model, processor, device: torch.device, enabled: bool | None = None,
+                        **decoder_options):
+        """The warmed-up ``StaticDecoder`` when the fast path is on (``enabled``, default: the
+        ``compile`` setting), else None. ``decoder_options`` go to ``StaticDecoder`` (backend, mode)."""
+        if enabled is None:
+            enabled = self.compile if self.compile is not None else device.type == "cuda"
+        if not enabled:
+            return None
+        from .fast_decode import StaticDecoder, default_max_cache_len
+
+        image = processor.image_processor
+        cache_len = default_max_cache_len(int(image.size["longest_edge"]), int(image.patch_size),
+                                          int(image.merge_size), self.max_new_tokens_limit)
+        # a small page compiles and records the decode step; on CUDA a letter page at 200 dpi
+        # (158 x 122 patches) also warms the prefill kernels and the allocator for real pages
+        grids = ((4, 4), (158, 122)) if device.type == "cuda" else ((4, 4),)
+        try:
+            decoder = StaticDecoder(model, cache_len, compile=True, **decoder_options)
+            seconds = decoder.warmup(grids)
+        except Exception:
+            if self.compile:  # asked for explicitly: fail loudly
+                raise
+            log.exception("the fast path failed to build or warm up; serving with plain generate")
+            return None
+        log.info("fast path: static cache %d tokens, decode step compiled (%s%s) and warmed up in %.1f s",
+                 decoder.max_cache_len, decoder.backend, f", {decoder.mode}" if decoder.mode else "", seconds)
+        return decoder
 
     def _require_loaded(self) -> None:
         if not self.loaded:
@@ -355,7 +397,8 @@ class ModelRunner:
         kwargs = dict(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
                       stopping_criteria=StoppingCriteriaList(criteria),
                       pad_token_id=min(eos_ids), **sampling)
-        worker = _GenerationThread(self.model, kwargs, streamer)
+        generate = self.decoder.generate if self.decoder is not None else self.model.generate
+        worker = _GenerationThread(generate, kwargs, streamer)
         t_gen = time.perf_counter()
         worker.start()
         try:
