@@ -43,8 +43,8 @@ criterion says so.
 """
 from __future__ import annotations
 
+import inspect
 import logging
-import math
 import queue
 import threading
 import time
@@ -331,6 +331,9 @@ class StaticDecoder:
         self.cache.early_initialization(batch_size=1, num_heads=config.num_key_value_heads, head_dim=head_dim,
                                         dtype=self.dtype, device=self.device)
         register_decode_attention()
+        # the LLM's name for its KV cache argument: `past_key_values` up to transformers 5.23, `cache` after
+        llm_forward = inspect.signature(type(model.model).forward).parameters
+        self._cache_arg = "cache" if "cache" in llm_forward else "past_key_values"
         if score_precision is None:
             score_precision = "fp32_out" if fp32_out_supported(self.device, self.dtype) else "native"
         if score_precision not in ("native", "fp32_out", "emulate"):
@@ -367,7 +370,7 @@ class StaticDecoder:
 
     def _decode_step(self, token: torch.Tensor) -> torch.Tensor:
         """token [1, 1] long -> next-token logits [1, vocab] float32. Position = the cache length."""
-        out = self.model.model(input_ids=token, past_key_values=self.cache, use_cache=True)
+        out = self.model.model(input_ids=token, use_cache=True, **{self._cache_arg: self.cache})
         logits = self.model.lm_head(out.last_hidden_state)  # [1, 1, vocab], as in the model's forward
         return logits[:, -1, :].float()
 

@@ -51,14 +51,19 @@ import json, torch
 from model_runner.modeling_dots_ocr import DotsOCRConfig
 from model_runner.tiny import OFFICIAL_CONFIG
 DotsOCRConfig.from_dict(json.loads(json.dumps(OFFICIAL_CONFIG)))
-assert torch.cuda.is_available(), "no CUDA device visible"
 EOF
 }
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$LOG/gpu_check.log"; then
+    say "no CUDA device visible to $PY: this check needs a GPU"
+    exit 2
+fi
 if ! can_run; then
     if ls .whl/*.whl >/dev/null 2>&1; then
         say "installed packages cannot run the model code; installing the carried wheels: $(ls .whl | tr '\n' ' ')"
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-            >>"$LOG/gpu_check.log" 2>&1 || { say "wheel install failed"; exit 3; }
+        for wheel in .whl/*.whl; do  # one by one: a wheel for another Python is reported and skipped
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                "$wheel" >>"$LOG/gpu_check.log" 2>&1 || say "could not install $(basename "$wheel") (see log)"
+        done
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
         can_run || { say "still cannot run the model code (see $LOG/gpu_check.log)"; exit 3; }
     else
