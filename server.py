@@ -556,6 +556,10 @@ def serve(config: ServerConfig) -> None:
                 "errorlog": "-",
                 "loglevel": "info",
             }
+            # gunicorn >= 25.1 opens a control socket at one fixed path per user; two servers
+            # on one machine would fight over it, and nothing here uses it.
+            if "control_socket_disable" in self.cfg.settings:
+                settings["control_socket_disable"] = True
             for key, value in settings.items():
                 self.cfg.set(key, value)
 
