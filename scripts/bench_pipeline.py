@@ -228,6 +228,38 @@ class FixedLengthFast:
         return self.decoder.generate(**kwargs, ignore_eos=True)
 
 
+class InstantGenerate:
+    """Runner hook with no model time: the prompt and one eos token go through the streamer at
+    once. With it, a request costs exactly the server's HTTP and image path plus ``prepare``."""
+
+    def __init__(self, eos_id: int):
+        self.eos_id = int(eos_id)
+
+    def generate(self, input_ids, streamer=None, **kwargs):
+        eos = torch.tensor([[self.eos_id]], device=input_ids.device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+            streamer.put(eos[0].cpu())
+            streamer.end()
+        return torch.cat([input_ids, eos], dim=1)
+
+
+def serve_stub(argv: list[str]) -> int:
+    """``server.py`` (gunicorn, the real app) whose runner generates instantly (InstantGenerate)."""
+    import server
+    from model_runner import runner as runner_module
+
+    original = runner_module.ModelRunner.load
+
+    def load(self):
+        original(self)
+        self.decoder = InstantGenerate(min(self._eos_ids()))
+        return self
+
+    runner_module.ModelRunner.load = load
+    return server.main(argv)
+
+
 class FixedLengthPlain:
     """Runner hook: plain ``model.generate`` with eos masked until ``max_new_tokens``."""
 
@@ -274,6 +306,11 @@ def parse_args(argv=None):
     parser.add_argument("--http-runs", type=int, default=3)
     parser.add_argument("--http-new-tokens", type=int, default=None,
                         help="max_new_tokens of the HTTP requests (default: --new-tokens)")
+    parser.add_argument("--http-only", action="store_true", help="with --url: skip the stage timings")
+    parser.add_argument("--http-stub", action="store_true",
+                        help="also start server.py (gunicorn, same model flags) with a runner that generates "
+                             "instantly, and time the HTTP + image path alone against it")
+    parser.add_argument("--stub-port", type=int, default=5099)
     parser.add_argument("--json-out", help="also write the JSON figures to this file")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -382,21 +419,63 @@ def llm_prefill(model, inputs, device, runs) -> float:
     return seconds
 
 
-def plain_generate(model, inputs, new_tokens: int, **sampling):
+class StepClock:
+    """A stopping criterion that never stops and notes when each new token reached the host:
+    plain ``generate`` calls it once per new token, after the token is known."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def rate(self) -> float | None:
+        if len(self.times) < 2 or self.times[-1] <= self.times[0]:
+            return None
+        return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+def plain_generate(model, inputs, new_tokens: int, clock: StepClock | None = None, **sampling):
+    from transformers import StoppingCriteriaList
+
     kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None) if not sampling else sampling
     eos = model.generation_config.eos_token_id
     pad = min(eos) if isinstance(eos, (list, tuple)) else eos
+    if clock is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([clock])
     with torch.inference_mode():
         return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad,
                               **kwargs)
 
 
 def decode_rate(generate_n, device, new_tokens: int, runs: int) -> dict[str, float]:
-    """t(1) and t(N) medians -> (N - 1) / (t(N) - t(1))."""
+    """Decode tokens/s = (N - 1) / (time of the last new token - time of the first), both as the
+    host saw them (``generate_n(n)`` returns that rate); median over runs. Also the prompt -> first
+    token time (t(1)) and the whole t(N)."""
     t1, _ = timed(lambda: generate_n(1), device, runs)
-    tn, _ = timed(lambda: generate_n(new_tokens), device, runs, warmup=0)
-    rate = (new_tokens - 1) / (tn - t1) if new_tokens > 1 and tn > t1 else None
-    return {"prefill_total_s": t1, "generate_s": tn, "decode_tok_s": rate}
+    rates, totals = [], []
+    for _ in range(max(1, runs)):
+        sync(device)
+        start = time.perf_counter()
+        rates.append(generate_n(new_tokens))
+        sync(device)
+        totals.append(time.perf_counter() - start)
+    tn = statistics.median(totals)
+    by_difference = (new_tokens - 1) / (tn - t1) if new_tokens > 1 and tn > t1 else None
+    return {"prefill_total_s": t1, "generate_s": tn, "decode_tok_s": median(rates),
+            "decode_tok_s_by_difference": by_difference}
+
+
+def fast_generate_rate(decoder, inputs, n: int, **sampling) -> float | None:
+    decoder.generate(**inputs, max_new_tokens=n, ignore_eos=True, **sampling)
+    return decoder.last_timings.get("decode_tok_s") or None
+
+
+def plain_generate_rate(model, inputs, n: int) -> float | None:
+    clock = StepClock()
+    plain_generate(model, inputs, n, clock)
+    return clock.rate()
 
 
 def http_path(args, runner, data: bytes, new_tokens: int) -> dict:
@@ -416,15 +495,68 @@ def http_path(args, runner, data: bytes, new_tokens: int) -> dict:
         with urllib.request.urlopen(request, timeout=3600) as response:
             return json.loads(response.read())["response"]
 
-    http_s, http_text = timed(post, None, args.http_runs)
-    # model time: from the decoded page to the answer, as the server's runner does it
     image = decode_image_bytes(data, ImagePolicy())
-    model_s, model_text = timed(lambda: runner.generate(image, args.prompt_type, temperature=0,
-                                                        max_new_tokens=new_tokens).text, runner.device, args.http_runs)
+
+    def model():  # from the decoded page to the answer, as the server's runner does it
+        return runner.generate(image, args.prompt_type, temperature=0, max_new_tokens=new_tokens).text
+
+    post(), model()  # warm both
+    http_times, model_times, differences, same = [], [], [], True
+    for _ in range(max(1, args.http_runs)):  # interleaved, so that drift cancels in the differences
+        start = time.perf_counter()
+        http_text = post()
+        http_times.append(time.perf_counter() - start)
+        sync(runner.device)
+        start = time.perf_counter()
+        model_text = model()
+        sync(runner.device)
+        model_times.append(time.perf_counter() - start)
+        differences.append(http_times[-1] - model_times[-1])
+        same = same and http_text == model_text
     decode_s, _ = timed(lambda: decode_image_bytes(data, ImagePolicy()), None, args.http_runs)
     return {"url": url, "server_health": health, "request_bytes": len(body), "new_tokens_max": new_tokens,
-            "http_s": http_s, "model_s": model_s, "server_overhead_s": http_s - model_s,
-            "image_decode_in_overhead_s": decode_s, "same_output": http_text == model_text}
+            "http_s": statistics.median(http_times), "model_s": statistics.median(model_times),
+            "server_overhead_s": statistics.median(differences), "server_overhead_runs_s": differences,
+            "server_overhead_min_s": min(http_times) - min(model_times), "http_runs_s": http_times,
+            "model_runs_s": model_times,
+            "image_decode_in_overhead_s": decode_s, "same_output": same}
+
+
+def http_stub(args, runner, data: bytes) -> dict:
+    """Start server.py with an instant runner (same model flags), time the HTTP + image path."""
+    import subprocess
+
+    if args.random_full_size:
+        raise SystemExit("--http-stub needs --demo or --model-path (the server loads the model itself)")
+    model_flags = ["--demo"] if args.demo else ["--model-path", args.model_path]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-stub", *model_flags, "--device", args.device,
+           "--port", str(args.stub_port), "--threads", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{args.stub_port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                    if json.loads(response.read()).get("model_loaded"):
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"the stub server did not come up (exit {proc.poll()})")
+            time.sleep(0.5)
+        saved, runner.decoder = runner.decoder, InstantGenerate(min(runner._eos_ids()))
+        try:
+            stub_args = argparse.Namespace(**{**vars(args), "url": url})
+            out = http_path(stub_args, runner, data, 1)
+        finally:
+            runner.decoder = saved
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    out["note"] = ("server.py with an instant generate: http_s = HTTP + image path + prepare (resize, "
+                   "patchify, to device); model_s = prepare in-process; overhead = the difference")
+    return out
 
 
 def run_benchmark(args) -> dict:
@@ -454,6 +586,12 @@ def run_benchmark(args) -> dict:
 
     page = synth_page(args.page_size, args.seed) if not args.image else None
     data = Path(args.image).read_bytes() if args.image else png_bytes(page)
+    if args.http_stub:
+        figures["http_stub"] = http_stub(args, runner, data)
+    if args.url and args.http_only:
+        figures["http"] = http_path(args, runner, data, args.http_new_tokens or N)
+    if args.http_only:
+        return figures
     second = png_bytes(synth_page(args.second_page_size, args.seed + 1))
     fast_hook = FixedLengthFast(decoder) if decoder is not None else FixedLengthPlain(model)
 
@@ -492,17 +630,14 @@ def run_benchmark(args) -> dict:
     figures.update(vision_variants(model, inputs, device, R))
     figures["llm_prefill_s"] = llm_prefill(model, inputs, device, R)
     if decoder is not None:
-        fast = decode_rate(lambda n: decoder.generate(**inputs, max_new_tokens=n, ignore_eos=True), device, N, R)
-        decoder.generate(**inputs, max_new_tokens=N, ignore_eos=True)
-        fast["decode_tok_s_internal"] = decoder.last_timings.get("decode_tok_s")
-        decoder.generate(**inputs, max_new_tokens=N, ignore_eos=True, do_sample=True, temperature=0.1, top_p=1.0,
-                         top_k=0)
-        fast["decode_sampled_tok_s_internal"] = decoder.last_timings.get("decode_tok_s")
-        decoder.generate(**inputs, max_new_tokens=N, ignore_eos=True, do_sample=True, temperature=0.7, top_p=0.9,
-                         top_k=0)
-        fast["decode_top_p_tok_s_internal"] = decoder.last_timings.get("decode_tok_s")
+        fast = decode_rate(lambda n: fast_generate_rate(decoder, inputs, n), device, N, R)
+        fast["decode_sampled_tok_s"] = fast_generate_rate(decoder, inputs, N, do_sample=True, temperature=0.1,
+                                                          top_p=1.0, top_k=0)
+        fast["decode_top_p_tok_s"] = fast_generate_rate(decoder, inputs, N, do_sample=True, temperature=0.7,
+                                                        top_p=0.9, top_k=0)
+        fast["score_precision"] = decoder.score_precision
     else:
-        fast = decode_rate(lambda n: plain_generate(model, inputs, n), device, N, R)
+        fast = decode_rate(lambda n: plain_generate_rate(model, inputs, n), device, N, R)
     figures.update(fast)
     figures["e2e_page_s"], _ = timed(lambda: e2e_page(runner, data, args.prompt_type, N, fast_hook)[0], None,
                                      R, warmup=0)
@@ -525,7 +660,7 @@ def run_benchmark(args) -> dict:
 
     # -- baseline: plain transformers generate, dynamic cache, same run ---------------------------------
     if args.baseline:
-        base = decode_rate(lambda n: plain_generate(model, inputs, n), device, N, args.baseline_runs)
+        base = decode_rate(lambda n: plain_generate_rate(model, inputs, n), device, N, args.baseline_runs)
         base["e2e_page_s"], _ = e2e_page(runner, data, args.prompt_type, N, FixedLengthPlain(model))
         figures["baseline"] = base
         if figures.get("decode_tok_s") and base.get("decode_tok_s"):
@@ -569,7 +704,7 @@ TARGETS = {"decode_tok_s": ">= 400 tok/s (H100/H200, full size, letter page)",
 
 def report(figures: dict) -> str:
     base = figures.get("baseline", {})
-    rows = [
+    rows = [] if "page" not in figures else [
         ("image decode (PNG -> RGB)", _fmt(figures.get("image_decode_s")), "", ""),
         ("28-px resize + patchify", _fmt(figures.get("resize_patchify_s")), "", ""),
         ("to device", _fmt(figures.get("to_device_s")), "", ""),
@@ -577,19 +712,17 @@ def report(figures: dict) -> str:
     ]
     if "vision_cudnn_first_s" in figures:
         rows.append(("vision tower, cuDNN attention first", _fmt(figures["vision_cudnn_first_s"]), "", ""))
-    rows += [
+    rows += [] if "page" not in figures else [
         ("LLM prefill (whole prompt)", _fmt(figures.get("llm_prefill_s")), "", ""),
         ("prompt -> first token", _fmt(figures.get("prefill_total_s")), _fmt(base.get("prefill_total_s")), ""),
         ("decode", _fmt(figures.get("decode_tok_s"), "tok/s"), _fmt(base.get("decode_tok_s"), "tok/s"),
          TARGETS["decode_tok_s"]),
     ]
-    if figures.get("decode_sampled_tok_s_internal"):
-        rows.append(("decode, sampled T=0.1 (internal timer)",
-                     _fmt(figures["decode_sampled_tok_s_internal"], "tok/s"), "", ""))
-    if figures.get("decode_top_p_tok_s_internal"):
-        rows.append(("decode, sampled top_p=0.9 (internal timer)",
-                     _fmt(figures["decode_top_p_tok_s_internal"], "tok/s"), "", ""))
-    rows += [
+    if figures.get("decode_sampled_tok_s"):
+        rows.append(("decode, sampled T=0.1 top_p=1", _fmt(figures["decode_sampled_tok_s"], "tok/s"), "", ""))
+    if figures.get("decode_top_p_tok_s"):
+        rows.append(("decode, sampled T=0.7 top_p=0.9", _fmt(figures["decode_top_p_tok_s"], "tok/s"), "", ""))
+    rows += [] if "page" not in figures else [
         (f"end to end page ({figures['new_tokens']} tokens)", _fmt(figures.get("e2e_page_s")),
          _fmt(base.get("e2e_page_s")), TARGETS["e2e_page_s"]),
         ("first request after start-up", _fmt(figures.get("first_request_s")), "", ""),
@@ -602,12 +735,19 @@ def report(figures: dict) -> str:
     if "recompiles" in figures:
         rows.append(("recompiles over two page sizes", str(figures["recompiles"]), "",
                      f"cudagraph skips: {figures.get('cudagraph_skips')}"))
+    stub = figures.get("http_stub")
+    if stub:
+        rows += [("HTTP, instant-model server (full path)", _fmt(stub["http_s"]), "", ""),
+                 ("prepare in-process (resize, patchify)", _fmt(stub["model_s"]), "", ""),
+                 ("HTTP + image path beyond model time", _fmt(stub["server_overhead_s"]), "",
+                  TARGETS["server_overhead_s"])]
     http = figures.get("http")
     if http:
         rows += [("HTTP request (full path)", _fmt(http["http_s"]), "", ""),
                  ("model time in-process (same request)", _fmt(http["model_s"]), "",
                   f"same output: {http['same_output']}"),
-                 ("server overhead = HTTP - model", _fmt(http["server_overhead_s"]), "", TARGETS["server_overhead_s"])]
+                 ("server overhead = HTTP - model", _fmt(http["server_overhead_s"]), "", TARGETS["server_overhead_s"]),
+                 ("  (fastest HTTP - fastest model)", _fmt(http["server_overhead_min_s"]), "", "")]
     page = figures.get("page", {})
     head = [
         f"device: {figures['device']}  |  dtype {figures['dtype']}  |  torch {figures['torch']}  |  "
@@ -629,6 +769,9 @@ def report(figures: dict) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-stub"]:
+        return serve_stub(argv[1:])
     args = parse_args(argv)
     if not (args.model_path or args.demo or args.random_full_size):
         print("choose a model: --model-path DIR, --demo or --random-full-size", file=sys.stderr)

@@ -345,3 +345,46 @@ def test_bench_pipeline_runs_and_prints_a_table_and_json(tmp_path):
     assert figures["fast_path"] is True and figures["recompiles"] == 0
     assert figures["e2e_new_tokens"] == 8
     assert figures["baseline"]["decode_tok_s"] > 0
+
+
+def test_bench_http_path_against_a_live_server(runner):
+    """The --url part of the benchmark: HTTP time, in-process model time, overhead, same output."""
+    from werkzeug.serving import make_server
+
+    from server import create_app
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_pipeline
+
+    server = make_server("127.0.0.1", 0, create_app({"image_root": None}, runner=runner), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        args = bench_pipeline.parse_args(["--demo", "--url", url, "--http-runs", "2", "--prompt-type", "prompt_ocr"])
+        data = bench_pipeline.png_bytes(bench_pipeline.synth_page((280, 364)))
+        figures = bench_pipeline.http_path(args, runner, data, 4)
+    finally:
+        server.shutdown()
+    assert figures["same_output"] is True
+    assert figures["http_s"] > 0 and figures["model_s"] > 0
+    assert len(figures["server_overhead_runs_s"]) == 2
+    assert figures["server_health"]["model_loaded"] is True
+
+
+def test_bench_http_stub_times_the_http_and_image_path(tmp_path):
+    """--http-stub starts server.py (gunicorn) with an instant generate and times the rest."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "stub.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_pipeline.py"), "--demo", "--device", "cpu", "--http-stub",
+           "--http-only", "--http-runs", "1", "--page-size", "280x364", "--stub-port", str(port),
+           "--json-out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stub = json.loads(out.read_text())["http_stub"]
+    assert stub["same_output"] is True and stub["http_s"] > 0 and "server_overhead_s" in stub
+    assert "HTTP + image path beyond model time" in proc.stdout
