@@ -238,8 +238,10 @@ class _Worker:
             raise job.error
         return job.result
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = 10.0) -> None:
         self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
 
 class _TokenReader:
@@ -489,6 +491,7 @@ class StaticDecoder:
                 torch.tensor([[1, h, w]], device=self.device))
 
     def close(self) -> None:
+        """Stop the worker thread (after the job in hand). The decoder cannot be used afterwards."""
         self._worker.stop()
 
     # -- one generation (on the worker thread) ---------------------------------------------
