@@ -559,6 +559,23 @@ def http_stub(args, runner, data: bytes) -> dict:
     return out
 
 
+class _Figures(dict):
+    """The figures; each one is also written to stderr as it comes, so that a run stopped by a
+    timeout still leaves what it measured."""
+
+    def __init__(self, initial: dict):
+        super().__init__(initial)
+        print(f"[bench] {json.dumps(initial, default=str)}", file=sys.stderr, flush=True)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(f"[bench] {key} = {json.dumps(value, default=str)}", file=sys.stderr, flush=True)
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
 def run_benchmark(args) -> dict:
     import transformers
 
@@ -574,7 +591,7 @@ def run_benchmark(args) -> dict:
     runner.repetition_window = 0  # random weights loop; fixed-length runs must not be cut short
     N = args.new_tokens
     R = args.runs
-    figures: dict = {
+    figures = _Figures({
         "device": device_description(device), "device_type": device.type,
         "dtype": str(runner.dtype).removeprefix("torch."), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(), "model": label,
@@ -582,7 +599,7 @@ def run_benchmark(args) -> dict:
         "compile_backend": getattr(decoder, "backend", None), "compile_mode": getattr(decoder, "mode", None),
         "static_cache_tokens": getattr(decoder, "max_cache_len", None), "new_tokens": N, "runs": R,
         "load_s": load_s, "warmup_s": getattr(decoder, "warmup_seconds", None),
-    }
+    })
 
     page = synth_page(args.page_size, args.seed) if not args.image else None
     data = Path(args.image).read_bytes() if args.image else png_bytes(page)

@@ -76,14 +76,14 @@ fi
 
 status=0
 say "1/2 fast path = plain path (greedy, 64 tokens, full size, two page sizes)"
-timeout 200 "$PY" scripts/gpu_fast_path_check.py --tokens 64 --json-out "$LOG/fast_path_check.json" \
+timeout 230 "$PY" scripts/gpu_fast_path_check.py --tokens 64 --json-out "$LOG/fast_path_check.json" \
     > "$LOG/fast_path_check.log" 2>&1
 rc=$?
 tail -n 6 "$LOG/fast_path_check.log"
 [ $rc -eq 0 ] || { say "fast path check: exit $rc (124 = timed out)"; status=1; }
 
 say "2/2 benchmark: --random-full-size --baseline --new-tokens 1000, letter page"
-timeout 320 "$PY" scripts/bench_pipeline.py --random-full-size --baseline --new-tokens 1000 --runs 3 \
+timeout 290 "$PY" scripts/bench_pipeline.py --random-full-size --baseline --new-tokens 1000 --runs 3 \
     --json-out "$LOG/bench.json" > "$LOG/bench.log" 2>&1
 rc=$?
 grep -v '^{' "$LOG/bench.log" | tail -n 30
