@@ -350,6 +350,7 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
         if state.model_loaded:
             body["device"] = str(runner.device)
             body["dtype"] = str(runner.dtype).removeprefix("torch.")
+            body["fast_path"] = bool(getattr(runner, "fast_path", False))
         return jsonify(body)
 
     @app.post("/ocr")

@@ -266,6 +266,9 @@ class ModelRunner:
         model = DotsOCRForCausalLM.from_pretrained(self.model_path, dtype=dtype, device=device,
                                                    attn_implementation=llm_attn,
                                                    vision_attn_implementation=vision_attn)
+        # Every request sets max_new_tokens; the checkpoint's max_length (32768) would only make
+        # generate warn on each call that both are set.
+        model.generation_config.max_length = None
         self.device, self.dtype, self.attn_implementation = device, dtype, (llm_attn, vision_attn)
         # the fast path is built and warmed up before `loaded` turns true (/health: model_loaded)
         self.decoder = self.build_fast_path(model, processor, device)

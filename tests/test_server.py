@@ -54,6 +54,7 @@ def test_health(client):
     body = response.get_json()
     assert body["status"] == "healthy" and body["model_loaded"] is True
     assert body["demo"] is False
+    assert body["device"] == "cpu" and body["dtype"] == "float32" and body["fast_path"] is False
 
 
 def test_model_not_loaded(tiny_ckpt, page_path):
