@@ -312,24 +312,27 @@ def _random_weights(config_dict: dict, seed: int) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         model = DotsOCRForCausalLM(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    norm_suffixes = ("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight", "ln_q.weight")
-
     generator = torch.Generator(device="cpu").manual_seed(seed)
     tensors = {}
     for name in sorted(shapes):
-        shape = shapes[name]
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-        if name.endswith(norm_suffixes):
-            value = 1.0 + 0.05 * noise
-        elif name.endswith(".bias"):
-            value = 0.02 * noise
-        elif name == "model.embed_tokens.weight":
-            value = noise
-        else:  # Linear / Conv weight [out, in, ...]
-            fan_in = math.prod(shape[1:])
-            value = noise / math.sqrt(fan_in)
-        tensors[name] = value.to(torch.bfloat16).contiguous()
+        noise = torch.randn(shapes[name], generator=generator, dtype=torch.float32)
+        tensors[name] = scale_init_noise(name, noise).to(torch.bfloat16).contiguous()
     return tensors
+
+
+_NORM_SUFFIXES = ("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight", "ln_q.weight")
+
+
+def scale_init_noise(name: str, noise: torch.Tensor) -> torch.Tensor:
+    """Turn standard-normal ``noise`` into the random value of the tensor ``name`` (the recipe of
+    ``_random_weights``; also used for full-size random models by scripts/bench_pipeline.py)."""
+    if name.endswith(_NORM_SUFFIXES):
+        return 1.0 + 0.05 * noise
+    if name.endswith(".bias"):
+        return 0.02 * noise
+    if name == "model.embed_tokens.weight":
+        return noise
+    return noise / math.sqrt(math.prod(noise.shape[1:]))  # Linear / Conv weight [out, in, ...]
 
 
 def _write_weights(out_dir: Path, tensors: dict[str, torch.Tensor], shards: int) -> list[str]:

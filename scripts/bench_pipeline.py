@@ -171,20 +171,14 @@ def init_random_(model, seed: int = 0) -> None:
     """Random weights in place, on the model's device: Linear/Conv N(0, 1/fan_in), embeddings
     N(0, 1), biases N(0, 0.02^2), norm weights 1 + N(0, 0.05^2) (the tiny builder's recipe, which
     keeps activations O(1) and the logits peaked rather than flat)."""
-    norm_suffixes = ("norm.weight", "norm1.weight", "norm2.weight", "layernorm.weight", "ln_q.weight")
+    from model_runner.tiny import scale_init_noise
+
     with torch.no_grad():
         for index, (name, param) in enumerate(sorted(model.named_parameters())):
             generator = torch.Generator(device=param.device).manual_seed(seed * 100003 + index)
             noise = torch.empty(param.shape, device=param.device, dtype=torch.float32)
             noise.normal_(generator=generator)
-            if name.endswith(norm_suffixes):
-                value = 1.0 + 0.05 * noise
-            elif name.endswith(".bias"):
-                value = 0.02 * noise
-            elif name == "model.embed_tokens.weight":
-                value = noise
-            else:
-                value = noise / math.sqrt(math.prod(param.shape[1:]))
+            value = scale_init_noise(name, noise)
             param.copy_(value.to(param.dtype))
             del noise, value
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from forcing import ForcedTokens, aperiodic, plain_token_ids
 from model_runner.fast_decode import (SCORE_PRECISION, StaticDecoder, decode_attention, default_max_cache_len,
                                       dynamo_compile_count, fp32_out_supported, sample_next_token)
 from model_runner.runner import GenerationStats, ModelRunner
@@ -33,40 +34,6 @@ def _page(width, height, rows=8):
 def _plain(model, inputs, new_tokens):
     with torch.inference_mode():
         return model.generate(**inputs, max_new_tokens=new_tokens, pad_token_id=0, **GREEDY)
-
-
-class ForcedTokens:
-    """A forward hook on lm_head that makes greedy decoding emit ``next_token(step)``."""
-
-    def __init__(self, model, next_token):
-        self.model = model
-        self.next_token = next_token
-        self.step = 0
-
-    def __call__(self, module, inputs, output):
-        forced = torch.full_like(output, -1e4)
-        forced[:, -1, self.next_token(self.step)] = 1e4
-        self.step += 1
-        return forced
-
-    def __enter__(self):
-        self.handle = self.model.lm_head.register_forward_hook(self)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def _plain_ids(runner, count):
-    tokenizer = runner.processor.tokenizer
-    special = set(tokenizer.all_special_ids) | set(runner._eos_ids())
-    space = tokenizer.convert_tokens_to_ids("\u0120")
-    others = [i for i in range(40, 40 + count + len(special)) if i not in special and i != space]
-    return [space] + others[:count - 1]
-
-
-def _aperiodic(ids):
-    return lambda step: ids[(step * step + step // 7) % len(ids)]
 
 
 @pytest.fixture(scope="module")
@@ -270,8 +237,8 @@ def test_from_config_passes_compile(tiny_ckpt):
 
 
 def test_length_and_eos_on_the_fast_path(fast_runner, page_image):
-    ids = _plain_ids(fast_runner, 50)
-    with ForcedTokens(fast_runner.model, _aperiodic(ids)):
+    ids = plain_token_ids(fast_runner, 50)
+    with ForcedTokens(fast_runner.model, aperiodic(ids)):
         result = fast_runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=7)
     assert (result.finish_reason, result.stats.new_tokens) == ("length", 7)
     eos = sorted(fast_runner._eos_ids())[-1]
@@ -281,9 +248,9 @@ def test_length_and_eos_on_the_fast_path(fast_runner, page_image):
 
 
 def test_cancel_stops_the_fast_path_within_a_step(fast_runner, page_image):
-    ids = _plain_ids(fast_runner, 50)
+    ids = plain_token_ids(fast_runner, 50)
     stats = GenerationStats()
-    with ForcedTokens(fast_runner.model, _aperiodic(ids)) as forced:
+    with ForcedTokens(fast_runner.model, aperiodic(ids)) as forced:
         stream = fast_runner.stream(page_image, "prompt_ocr", temperature=0, max_new_tokens=1500, stats=stats)
         next(stream)
         started = time.perf_counter()
@@ -300,7 +267,7 @@ def test_cancel_stops_the_fast_path_within_a_step(fast_runner, page_image):
 
 
 def test_repetition_guard_fires_on_the_fast_path(fast_runner, page_image):
-    cycle = _plain_ids(fast_runner, 3)
+    cycle = plain_token_ids(fast_runner, 3)
     with ForcedTokens(fast_runner.model, lambda step: cycle[step % 3]):
         result = fast_runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=400)
     assert result.finish_reason == "repetition"

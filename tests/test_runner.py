@@ -6,49 +6,13 @@ import time
 import pytest
 import torch
 
+from forcing import ForcedTokens, aperiodic, plain_token_ids
 from model_runner.runner import (GenerationInputError, GenerationStats, ModelRunner, RepetitionGuard,
                                  resolve_dtype)
 
 
 def _generation_threads():
     return [t for t in threading.enumerate() if t.name == "dots-ocr-generate" and t.is_alive()]
-
-
-class ForcedTokens:
-    """A forward hook on lm_head that makes greedy decoding emit ``next_token(step)``."""
-
-    def __init__(self, runner, next_token):
-        self.runner = runner
-        self.next_token = next_token
-        self.step = 0
-
-    def __call__(self, module, inputs, output):
-        forced = torch.full_like(output, -1e4)
-        forced[:, -1, self.next_token(self.step)] = 1e4
-        self.step += 1
-        return forced
-
-    def __enter__(self):
-        self.handle = self.runner.model.lm_head.register_forward_hook(self)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def _plain_token_ids(runner, count):
-    """Ordinary (non-special) token ids of the tiny vocabulary; the first one is a space, so that
-    the streamer (which emits text at word boundaries) has something to emit."""
-    tokenizer = runner.processor.tokenizer
-    special = set(tokenizer.all_special_ids) | set(runner._eos_ids())
-    space = tokenizer.convert_tokens_to_ids("\u0120")  # byte-level BPE's space
-    others = [i for i in range(40, 40 + count + len(special)) if i not in special and i != space]
-    return [space] + others[:count - 1]
-
-
-def _aperiodic(ids):
-    """A token sequence with no period under 350 steps (the guard looks for periods <= 128)."""
-    return lambda step: ids[(step * step + step // 7) % len(ids)]
 
 
 def test_stream_joined_equals_generate(runner, page_image):
@@ -72,8 +36,8 @@ def test_greedy_is_deterministic_and_sampling_runs(runner, page_image):
 
 
 def test_length_finish_reason_and_token_budget(runner, page_image):
-    ids = _plain_token_ids(runner, 50)
-    with ForcedTokens(runner, lambda step: ids[step % len(ids)]):
+    ids = plain_token_ids(runner, 50)
+    with ForcedTokens(runner.model, lambda step: ids[step % len(ids)]):
         result = runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=7)
     assert result.stats.new_tokens == 7
     assert result.finish_reason == "length"
@@ -81,17 +45,17 @@ def test_length_finish_reason_and_token_budget(runner, page_image):
 
 def test_eos_finish_reason(runner, page_image):
     eos = sorted(runner._eos_ids())[-1]  # <|endofassistant|> also ends generation
-    ids = _plain_token_ids(runner, 3)
-    with ForcedTokens(runner, lambda step: eos if step == 3 else ids[step]):
+    ids = plain_token_ids(runner, 3)
+    with ForcedTokens(runner.model, lambda step: eos if step == 3 else ids[step]):
         result = runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=50)
     assert result.finish_reason == "eos"
     assert result.stats.new_tokens == 4
 
 
 def test_cancel_stops_the_thread(runner, page_image):
-    ids = _plain_token_ids(runner, 50)
+    ids = plain_token_ids(runner, 50)
     stats = GenerationStats()
-    with ForcedTokens(runner, _aperiodic(ids)):
+    with ForcedTokens(runner.model, aperiodic(ids)):
         stream = runner.stream(page_image, "prompt_ocr", temperature=0, max_new_tokens=5000, stats=stats)
         next(stream)
         assert _generation_threads(), "generation should be running"
@@ -107,14 +71,14 @@ def test_cancel_stops_the_thread(runner, page_image):
 
 
 def test_should_stop_cancels(runner, page_image):
-    ids = _plain_token_ids(runner, 50)
+    ids = plain_token_ids(runner, 50)
     calls = []
 
     def should_stop():
         calls.append(1)
         return len(calls) > 5
 
-    with ForcedTokens(runner, _aperiodic(ids)):
+    with ForcedTokens(runner.model, aperiodic(ids)):
         result = runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=500,
                                  should_stop=should_stop)
     assert result.finish_reason == "cancelled"
@@ -141,9 +105,9 @@ def test_exception_in_generation_reaches_the_caller(runner, page_image):
 def test_repetition_guard_stops_a_looping_model(tiny_ckpt, page_image):
     looping = ModelRunner(tiny_ckpt, device="cpu", dtype="float32", repetition_window=60,
                           repetition_max_period=16).load()
-    ids = _plain_token_ids(looping, 50)
+    ids = plain_token_ids(looping, 50)
     cycle = ids[:3]
-    with ForcedTokens(looping, lambda step: cycle[step % 3]):
+    with ForcedTokens(looping.model, lambda step: cycle[step % 3]):
         result = looping.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=400)
     assert result.finish_reason == "repetition"
     assert 60 <= result.stats.new_tokens < 80
@@ -152,8 +116,8 @@ def test_repetition_guard_stops_a_looping_model(tiny_ckpt, page_image):
 def test_repetition_guard_leaves_a_normal_model_alone(tiny_ckpt, page_image):
     guarded = ModelRunner(tiny_ckpt, device="cpu", dtype="float32", repetition_window=60,
                           repetition_max_period=16).load()
-    ids = _plain_token_ids(guarded, 50)
-    with ForcedTokens(guarded, _aperiodic(ids)):
+    ids = plain_token_ids(guarded, 50)
+    with ForcedTokens(guarded.model, aperiodic(ids)):
         result = guarded.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=150)
     assert result.finish_reason == "length"
     assert result.stats.new_tokens == 150
