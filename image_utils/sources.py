@@ -4,8 +4,9 @@
 
 Path rules:
 
-- Relative paths are resolved against ``policy.image_root`` when it is set, else against the
-  process working directory. ``~`` is not expanded.
+- Relative paths are resolved against the server's working directory (also when
+  ``policy.image_root`` is set: the root confines paths, it does not move them). ``~`` is not
+  expanded.
 - With ``image_root`` set, the fully resolved path (``os.path.realpath``: every symlink followed)
   must lie inside the resolved root; this is checked before the file's existence is reported, so a
   client cannot probe for files outside the root.
@@ -49,8 +50,7 @@ def _resolve(value: str, policy: ImagePolicy) -> str:
         raise ImageInputError("Image path contains a NUL character")
     if policy.image_root:
         root = os.path.realpath(policy.image_root)
-        candidate = value if os.path.isabs(value) else os.path.join(root, value)
-        real = os.path.realpath(candidate)
+        real = os.path.realpath(os.path.abspath(value))
         if real != root and os.path.commonpath([root, real]) != root:
             raise ImageInputError("Image path is outside the allowed image root")
         return real

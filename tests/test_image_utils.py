@@ -417,7 +417,7 @@ def test_unreadable_path_reported(tmp_path, monkeypatch):
     expect_error(400, f"Image file is not readable: {target}", load_image, str(target), "path", ImagePolicy())
 
 
-def test_image_root_confinement(tmp_path):
+def test_image_root_confinement(tmp_path, monkeypatch):
     root = tmp_path / "root"
     (root / "sub").mkdir(parents=True)
     (root / "sub" / "in.png").write_bytes(PNG_SMALL)
@@ -427,9 +427,10 @@ def test_image_root_confinement(tmp_path):
     (root / "inner_link.png").symlink_to(root / "sub" / "in.png")
     (root / "dir_escape").symlink_to(tmp_path)
     policy = ImagePolicy(image_root=str(root))
+    monkeypatch.chdir(root)  # relative paths resolve against the working directory
 
     assert load_image(str(root / "sub" / "in.png"), "path", policy).size == (7, 5)
-    assert load_image("sub/in.png", "path", policy).size == (7, 5)  # relative to the root
+    assert load_image("sub/in.png", "path", policy).size == (7, 5)
     assert load_image("inner_link.png", "path", policy).size == (7, 5)  # symlink staying inside
     outside_msg = "Image path is outside the allowed image root"
     for value in (str(outside), "escape.png", "../outside.png", "sub/../../outside.png",
@@ -438,9 +439,12 @@ def test_image_root_confinement(tmp_path):
     # Existence of files outside the root is not revealed.
     expect_error(400, outside_msg, load_image, str(tmp_path / "does-not-exist.png"), "path", policy)
     expect_error(400, "Image file not found: sub/missing.png", load_image, "sub/missing.png", "path", policy)
+    monkeypatch.chdir(tmp_path)  # the same relative name, now resolved outside the root
+    expect_error(400, outside_msg, load_image, "outside.png", "path", policy)
+    expect_error(400, outside_msg, load_image, "sub/in.png", "path", policy)
     # A root given through a symlink works too.
     (tmp_path / "root_link").symlink_to(root)
-    assert load_image("sub/in.png", "path", ImagePolicy(image_root=str(tmp_path / "root_link"))).size == (7, 5)
+    assert load_image("root/sub/in.png", "path", ImagePolicy(image_root=str(tmp_path / "root_link"))).size == (7, 5)
     # A sibling directory whose name starts with the root's name is outside.
     (tmp_path / "root2").mkdir()
     (tmp_path / "root2" / "x.png").write_bytes(PNG_SMALL)
