@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 

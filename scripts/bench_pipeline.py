@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import io
 import json
 import logging
-import math
 import os
 import platform
 import statistics

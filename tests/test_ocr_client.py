@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import requests
 from PIL import Image, ImageDraw
 
 from ocr_client.cli import assign_names, backoff_delay, collect_inputs, main

@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import torch
 from PIL import Image
 
 from server import BUSY_MESSAGE, ServerConfig, create_app, main, parse_args
