@@ -22,11 +22,12 @@ import binascii
 import os
 import re
 import stat
+from typing import Iterable, Iterator
 
 from .errors import ImageInputError
 from .policy import ImagePolicy
 
-__all__ = ["read_path", "decode_base64", "is_data_uri", "too_large_error"]
+__all__ = ["read_path", "decode_base64", "is_data_uri", "too_large_error", "read_capped"]
 
 _DATA_URI_PREFIXES = ("data:image/", "data:application/pdf")
 _WHITESPACE = re.compile(r"\s+")
@@ -35,6 +36,19 @@ _CHUNK = 1 << 20
 
 def too_large_error(limit: int, what: str = "Image data") -> ImageInputError:
     return ImageInputError(f"{what} too large: exceeds the limit of {limit} bytes", status=413)
+
+
+def read_capped(chunks: Iterable[bytes], limit: int, what: str) -> bytes:
+    """Join ``chunks`` (a file's or a download's), failing with 413 as soon as more than ``limit``
+    bytes have come, so an oversized input is never held in memory whole."""
+    parts = []
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise too_large_error(limit, what)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def is_data_uri(value: str) -> bool:
@@ -55,6 +69,17 @@ def _resolve(value: str, policy: ImagePolicy) -> str:
             raise ImageInputError("Image path is outside the allowed image root")
         return real
     return os.path.realpath(os.path.abspath(value))
+
+
+def _file_chunks(fd: int, value: str) -> Iterator[bytes]:
+    while True:
+        try:
+            chunk = os.read(fd, _CHUNK)
+        except OSError:
+            raise ImageInputError(f"Image file is not readable: {value}") from None
+        if not chunk:
+            return
+        yield chunk
 
 
 def read_path(value: str, policy: ImagePolicy) -> bytes:
@@ -90,22 +115,9 @@ def read_path(value: str, policy: ImagePolicy) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ImageInputError(f"Image path is not a regular file: {value}")
-        chunks = []
-        total = 0
-        while True:
-            try:
-                chunk = os.read(fd, _CHUNK)
-            except OSError:
-                raise ImageInputError(f"Image file is not readable: {value}") from None
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limit:
-                raise too_large_error(limit, "Image file")
-            chunks.append(chunk)
+        data = read_capped(_file_chunks(fd, value), limit, "Image file")
     finally:
         os.close(fd)
-    data = b"".join(chunks)
     if not data:
         raise ImageInputError(f"Image file is empty: {value}")
     return data

@@ -35,7 +35,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from .errors import ImageInputError
 from .policy import ImagePolicy
-from .sources import too_large_error
+from .sources import read_capped, too_large_error
 
 __all__ = ["fetch_url", "is_forbidden_address", "resolve_host"]
 
@@ -257,17 +257,14 @@ def _read_body(response, limit: int, deadline: float) -> bytes:
     declared = response.headers.get("Content-Length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         raise too_large_error(limit, "Image download")
-    chunks = []
-    total = 0
-    try:
+
+    def chunks():
         for chunk in response.iter_content(chunk_size=_CHUNK):
-            if not chunk:
-                continue
-            total += len(chunk)
-            if total > limit:
-                raise too_large_error(limit, "Image download")
-            chunks.append(chunk)
+            yield chunk
             _time_left(deadline)
+
+    try:
+        data = read_capped(chunks(), limit, "Image download")
     except ImageInputError:
         raise
     except requests.exceptions.Timeout:
@@ -278,7 +275,6 @@ def _read_body(response, limit: int, deadline: float) -> bytes:
         if _is_timeout(exc):
             raise ImageInputError("Timed out reading the image URL") from None
         raise ImageInputError("Connection error while reading the image URL") from None
-    data = b"".join(chunks)
     if not data:
         raise ImageInputError("Image URL returned an empty body")
     return data
