@@ -41,3 +41,26 @@ def aperiodic(ids):
     """A token sequence with no period under 350 steps (the repetition guard looks for periods
     of at most 128)."""
     return lambda step: ids[(step * step + step // 7) % len(ids)]
+
+
+class FailsAtStep:
+    """A forward hook on lm_head that raises ``RuntimeError(message)`` on its ``step``-th call
+    (1 = the prefill), to test how an error inside generation travels."""
+
+    def __init__(self, model, step: int, message: str):
+        self.model = model
+        self.step = step
+        self.message = message
+        self.calls = 0
+
+    def __call__(self, module, inputs, output):
+        self.calls += 1
+        if self.calls == self.step:
+            raise RuntimeError(self.message)
+
+    def __enter__(self):
+        self.handle = self.model.lm_head.register_forward_hook(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from forcing import ForcedTokens, aperiodic, plain_token_ids
+from forcing import FailsAtStep, ForcedTokens, aperiodic, plain_token_ids
 from model_runner.fast_decode import (SCORE_PRECISION, StaticDecoder, decode_attention, default_max_cache_len,
                                       dynamo_compile_count, fp32_out_supported, sample_next_token)
 from model_runner.runner import GenerationStats, ModelRunner
@@ -275,19 +275,9 @@ def test_repetition_guard_fires_on_the_fast_path(fast_runner, page_image):
 
 
 def test_an_error_in_decoding_reaches_the_caller_and_the_worker_survives(fast_runner, page_image):
-    calls = {"n": 0}
-
-    def explode(module, inputs, output):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("boom inside fast decoding")
-
-    handle = fast_runner.model.lm_head.register_forward_hook(explode)
-    try:
+    with FailsAtStep(fast_runner.model, 3, "boom inside fast decoding"):
         with pytest.raises(RuntimeError, match="boom inside fast decoding"):
             list(fast_runner.stream(page_image, "prompt_ocr", temperature=0, max_new_tokens=50))
-    finally:
-        handle.remove()
     assert fast_runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=3).stats.new_tokens >= 1
 
 

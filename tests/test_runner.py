@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from forcing import ForcedTokens, aperiodic, plain_token_ids
+from forcing import FailsAtStep, ForcedTokens, aperiodic, plain_token_ids
 from model_runner.runner import (GenerationInputError, GenerationStats, ModelRunner, RepetitionGuard,
                                  resolve_dtype)
 
@@ -86,19 +86,9 @@ def test_should_stop_cancels(runner, page_image):
 
 
 def test_exception_in_generation_reaches_the_caller(runner, page_image):
-    calls = {"n": 0}
-
-    def explode(module, inputs, output):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("boom inside decoding")
-
-    handle = runner.model.lm_head.register_forward_hook(explode)
-    try:
+    with FailsAtStep(runner.model, 3, "boom inside decoding"):
         with pytest.raises(RuntimeError, match="boom inside decoding"):
             list(runner.stream(page_image, "prompt_ocr", temperature=0, max_new_tokens=50))
-    finally:
-        handle.remove()
     assert not _generation_threads()
 
 

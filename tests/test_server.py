@@ -10,6 +10,7 @@ import time
 import pytest
 from PIL import Image
 
+from forcing import FailsAtStep
 from server import BUSY_MESSAGE, ServerConfig, create_app, main, parse_args
 
 PROMPT_LIST = "['prompt_layout_all_en', 'prompt_layout_only_en', 'prompt_ocr', 'prompt_grounding_ocr']"
@@ -182,34 +183,18 @@ def test_stream_closed_early_releases_lock_and_cancels(app, client, page_path):
 
 
 def test_error_after_stream_started_ends_with_error_line(app, client, page_path, runner):
-    calls = {"n": 0}
-
-    def explode(module, inputs, output):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("decoder exploded")
-
-    handle = runner.model.lm_head.register_forward_hook(explode)
-    try:
+    with FailsAtStep(runner.model, 4, "decoder exploded"):
         response = client.post("/ocr", json={"image": str(page_path), "stream": True, "temperature": 0,
                                              "max_new_tokens": 50})
         lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
-    finally:
-        handle.remove()
     assert response.status_code == 200
     assert lines[-1]["done"] is True and "decoder exploded" in lines[-1]["error"]
     _assert_free(app)
 
 
 def test_error_in_non_streaming_generation_is_json_500(app, client, page_path, runner):
-    def explode(module, inputs, output):
-        raise RuntimeError("no luck")
-
-    handle = runner.model.lm_head.register_forward_hook(explode)
-    try:
+    with FailsAtStep(runner.model, 1, "no luck"):
         response = _ocr(client, image=str(page_path))
-    finally:
-        handle.remove()
     assert response.status_code == 500 and "error" in response.get_json()
     _assert_free(app)
 
