@@ -7,12 +7,18 @@ behaviour across transformers releases (MODEL.md §9). What it does for images i
 composed here from stable parts: transformers' tokenizer and ``Qwen2VLImageProcessor`` (both read
 from the checkpoint folder), and the expansion of each image placeholder into one ``<|imgpad|>``
 per image token.
+
+Prompts are rendered as upstream's vLLM path renders them (MODEL.md §8.2), which is how the published
+numbers were produced: :meth:`DotsOCRProcessor.render_prompt` for one prompt, and
+:meth:`DotsOCRProcessor.render_chat` for OpenAI-style messages, through the checkpoint's own chat
+template.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, Qwen2VLImageProcessor
@@ -23,12 +29,21 @@ IMAGE_END = "<|endofimg|>"
 USER_START = "<|user|>"
 USER_END = "<|endofuser|>"
 ASSISTANT_START = "<|assistant|>"
+# The checkpoint's chat templates write these literally; they are not tokens of the vocabulary
+# (MODEL.md §8.2), so they tokenize into ordinary pieces.
+SYSTEM_START = "<|system|>"
+SYSTEM_END = "<|endofsystem|>\n"
+#: What stands for one image in a rendered prompt (vLLM's placeholder string for dots.ocr).
+IMAGE_PLACEHOLDER = IMAGE_START + IMAGE_PAD + IMAGE_END
+_IMAGE_PART_TYPES = ("image", "image_url", "input_image")
 
 
 @dataclass
 class DotsOCRProcessor:
     tokenizer: PreTrainedTokenizerBase
     image_processor: Qwen2VLImageProcessor
+    #: The checkpoint's chat_template.json template (None: the tokenizer's own template is used).
+    chat_template: str | None = None
 
     @property
     def image_token_id(self) -> int:
@@ -38,11 +53,38 @@ class DotsOCRProcessor:
     def merge_size(self) -> int:
         return int(self.image_processor.merge_size)
 
-    def render_prompt(self, prompt: str, n_images: int = 1) -> str:
+    def render_prompt(self, prompt: str, n_images: int = 1, system: str | None = None) -> str:
         """The text the model was evaluated with (DESIGN.md), one placeholder pad per image:
-        ``<|user|>`` + ``<|img|><|imgpad|><|endofimg|>`` per image + prompt + ``<|endofuser|><|assistant|>``."""
-        images = (IMAGE_START + IMAGE_PAD + IMAGE_END) * n_images
-        return USER_START + images + prompt + USER_END + ASSISTANT_START
+        ``<|user|>`` + ``<|img|><|imgpad|><|endofimg|>`` per image + prompt + ``<|endofuser|><|assistant|>``.
+
+        With ``system``, the system turn comes first as the checkpoint's chat template writes it:
+        ``<|system|>`` + system + ``<|endofsystem|>`` + newline (:meth:`render_chat` of the same
+        messages gives the same string; a test checks it).
+        """
+        head = SYSTEM_START + system + SYSTEM_END if system is not None else ""
+        return head + USER_START + IMAGE_PLACEHOLDER * n_images + prompt + USER_END + ASSISTANT_START
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        """Render OpenAI-style chat messages with the checkpoint's chat template, as upstream's vLLM
+        server does, with one ``<|imgpad|>`` placeholder per image (``__call__`` expands them).
+
+        ``messages``: dicts with ``role`` "system" / "user" / "assistant" and ``content`` either a
+        string or a list of parts: ``{"type": "text", "text": ...}`` and image parts (``"type"``
+        "image" / "image_url" / "input_image"; only user messages may hold images; their pixels are
+        passed to ``__call__`` separately, in order). A list content is flattened to one string the
+        way vLLM does for this model (its ``--chat-template-content-format string``): the text parts
+        joined with newlines; images whose placeholder the text does not already hold are put in
+        front, each followed by a newline. The result then goes through the template (the one from
+        chat_template.json, which gives the same as tokenizer_config.json's for string contents)
+        with the generation prompt. Upstream's message shape (an image part plus the text
+        ``<|img|><|imgpad|><|endofimg|>`` + prompt, optionally after a system message) renders
+        exactly as :meth:`render_prompt`. Raises ValueError for malformed messages.
+        """
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+            raise ValueError("messages must be a non-empty list of {role, content} objects")
+        flat = [_flatten_message(i, m) for i, m in enumerate(messages)]
+        return self.tokenizer.apply_chat_template(flat, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
 
     def image_token_counts(self, image_grid_thw) -> list[int]:
         """LLM tokens per image: one per 2x2 block of 14-px patches."""
@@ -102,4 +144,57 @@ def load_processor(path: str | Path) -> DotsOCRProcessor:
     image_processor = Qwen2VLImageProcessor.from_pretrained(path)
     if tokenizer.convert_tokens_to_ids(IMAGE_PAD) in (None, tokenizer.unk_token_id):
         raise ValueError(f"the tokenizer in {path} has no {IMAGE_PAD} token")
-    return DotsOCRProcessor(tokenizer=tokenizer, image_processor=image_processor)
+    return DotsOCRProcessor(tokenizer=tokenizer, image_processor=image_processor,
+                            chat_template=_read_chat_template(path))
+
+
+def _read_chat_template(path: Path) -> str | None:
+    """The template of the folder's chat_template.json; None when the folder has none (then the
+    tokenizer's template from tokenizer_config.json is used)."""
+    file = path / "chat_template.json"
+    if not file.is_file():
+        return None
+    template = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
+    if not isinstance(template, str) or not template:
+        raise ValueError(f"{file} has no chat_template string")
+    return template
+
+
+def _part_text(part: Any, where: str) -> tuple[str | None, bool]:
+    """-> (text, is_image) of one content part."""
+    if not isinstance(part, Mapping):
+        raise ValueError(f"{where}: each content part must be an object")
+    kind = part.get("type")
+    if kind in _IMAGE_PART_TYPES or (kind is None and any(k in part for k in _IMAGE_PART_TYPES)):
+        return None, True
+    if kind in ("text", None) and isinstance(part.get("text"), str):
+        return part["text"], False
+    raise ValueError(f"{where}: unsupported content part {kind!r} (text and image parts only)")
+
+
+def _flatten_message(index: int, message: Any) -> dict[str, str]:
+    """One message with its content as a single string (see :meth:`DotsOCRProcessor.render_chat`)."""
+    where = f"messages[{index}]"
+    if not isinstance(message, Mapping):
+        raise ValueError(f"{where} must be an object with 'role' and 'content'")
+    role, content = message.get("role"), message.get("content")
+    if role not in ("system", "user", "assistant"):
+        raise ValueError(f"{where}.role must be 'system', 'user' or 'assistant'")
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if not isinstance(content, Sequence) or isinstance(content, bytes):
+        raise ValueError(f"{where}.content must be a string or a list of parts")
+    texts, n_images = [], 0
+    for part in content:
+        text, is_image = _part_text(part, where)
+        if is_image:
+            n_images += 1
+        else:
+            texts.append(text)
+    if n_images and role != "user":
+        raise ValueError(f"{where}: only user messages may hold images")
+    text = "\n".join(texts)
+    missing = max(0, n_images - text.count(IMAGE_PLACEHOLDER))
+    if missing:
+        text = "\n".join([IMAGE_PLACEHOLDER] * missing + [text])
+    return {"role": role, "content": text}

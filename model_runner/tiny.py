@@ -1,6 +1,7 @@
 """A tiny random dots.ocr checkpoint in exactly the official layout (for tests and CPU smoke runs).
 
-``build_tiny_checkpoint(out_dir, seed=0, shards=2)`` writes, in a few seconds and well under a few MB:
+``build_tiny_checkpoint(out_dir, seed=0, shards=2, family="dots.ocr")`` writes, in a few seconds and
+well under a few MB:
 
 - ``config.json``                 every key of the official config.json, tiny sizes, tiny token ids
 - ``model-0000k-of-0000K.safetensors`` + ``model.safetensors.index.json`` (``shards >= 2``) or a single
@@ -10,7 +11,10 @@
 - ``tokenizer_config.json``, ``special_tokens_map.json``, ``preprocessor_config.json``,
   ``generation_config.json``, ``chat_template.json``  (official content; tiny ids where ids appear)
 
-The output is byte-for-byte deterministic for a given seed.
+The output is byte-for-byte deterministic for a given seed. ``family="dots.mocr"`` writes the layout of
+the dots.mocr / dots.mocr-svg checkpoints (dots.ocr 1.5): the same files, dimensions and weight names,
+except :data:`MOCR_VISION_ATTN_IMPLEMENTATION` in config.json's ``vision_config`` and an ``auto_map``
+entry for the processor in preprocessor_config.json (:data:`MOCR_PREPROCESSOR_AUTO_MAP`).
 """
 
 from __future__ import annotations
@@ -157,6 +161,13 @@ OFFICIAL_PREPROCESSOR_CONFIG = {
 
 OFFICIAL_GENERATION_MAX_LENGTH = 32768
 
+# dots.mocr (rednote-hilab/dots.mocr, dots.mocr-svg) differs from dots.ocr only in these two fields
+# (facts read from a copy of the published config.json / preprocessor_config.json; the loader ignores
+# both: the vision attention is chosen at load time, and the processor is composed in processing.py).
+FAMILIES = ("dots.ocr", "dots.mocr")
+MOCR_VISION_ATTN_IMPLEMENTATION = "sdpa"
+MOCR_PREPROCESSOR_AUTO_MAP = {"AutoProcessor": "configuration_dots.DotsVLProcessor"}
+
 # The pre-tokenizer split of the Qwen2 tokenizer (transformers' Qwen2Tokenizer rebuilds the same pipeline).
 QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -288,15 +299,33 @@ def _special_tokens_map() -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def tiny_config_dict(vocab_size: int, image_token_id: int, video_token_id: int) -> dict:
-    """The official config.json (same keys, same order) with tiny sizes and tiny token ids."""
+def tiny_config_dict(vocab_size: int, image_token_id: int, video_token_id: int,
+                     family: str = "dots.ocr") -> dict:
+    """The official config.json of ``family`` (same keys, same order) with tiny sizes and tiny token ids."""
+    _check_family(family)
     config = json.loads(json.dumps(OFFICIAL_CONFIG))
     config.update(TINY_LLM)
     config["vocab_size"] = vocab_size
     config["image_token_id"] = image_token_id
     config["video_token_id"] = video_token_id
     config["vision_config"].update(TINY_VISION)
+    if family == "dots.mocr":
+        config["vision_config"]["attn_implementation"] = MOCR_VISION_ATTN_IMPLEMENTATION
     return config
+
+
+def preprocessor_config_dict(family: str = "dots.ocr") -> dict:
+    """preprocessor_config.json of ``family`` (dots.mocr: ``auto_map`` first, as published)."""
+    _check_family(family)
+    config = dict(OFFICIAL_PREPROCESSOR_CONFIG)
+    if family == "dots.mocr":
+        config = {"auto_map": dict(MOCR_PREPROCESSOR_AUTO_MAP), **config}
+    return config
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
 
 
 def _random_weights(config_dict: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -371,10 +400,13 @@ def _write_json(path: Path, data: dict, indent: int, trailing_newline: bool = Tr
     path.write_text(text + ("\n" if trailing_newline else ""), encoding="utf-8")
 
 
-def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, shards: int = 2) -> Path:
-    """Write the tiny checkpoint into ``out_dir`` (created if needed) and return its path."""
+def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, shards: int = 2,
+                          family: str = "dots.ocr") -> Path:
+    """Write the tiny checkpoint of ``family`` ("dots.ocr" or "dots.mocr") into ``out_dir`` (created
+    if needed) and return its path. Both families get the same weights for the same seed."""
     if shards < 1:
         raise ValueError("shards must be >= 1")
+    _check_family(family)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob("model.safetensors.index.json")):
@@ -384,14 +416,14 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, shards: int = 2) -
     ids = tiny_token_ids(tokenizer)
     vocab_size = -(-tokenizer.get_vocab_size() // 64) * 64  # round up to a multiple of 64
 
-    config = tiny_config_dict(vocab_size, ids["<|imgpad|>"], ids["<|video_pad|>"])
+    config = tiny_config_dict(vocab_size, ids["<|imgpad|>"], ids["<|video_pad|>"], family)
     _write_json(out_dir / "config.json", config, indent=4)
     _write_weights(out_dir, _random_weights(config, seed), shards)
 
     tokenizer.save(str(out_dir / "tokenizer.json"), pretty=True)
     _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(ids), indent=2)
     _write_json(out_dir / "special_tokens_map.json", _special_tokens_map(), indent=2)
-    _write_json(out_dir / "preprocessor_config.json", OFFICIAL_PREPROCESSOR_CONFIG, indent=2)
+    _write_json(out_dir / "preprocessor_config.json", preprocessor_config_dict(family), indent=2)
     generation = {
         "max_length": OFFICIAL_GENERATION_MAX_LENGTH,
         "eos_token_id": [ids["<|endoftext|>"], ids["<|endofassistant|>"]],

@@ -14,6 +14,20 @@ def tiny_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_mocr_ckpt(tmp_path_factory):
+    """The same tiny checkpoint in the dots.mocr layout (config/preprocessor fields of dots.ocr 1.5)."""
+    from model_runner.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_mocr") / "DotsMOCR", seed=0, family="dots.mocr")
+
+
+@pytest.fixture(scope="session", params=["dots.ocr", "dots.mocr"])
+def tiny_family_ckpt(request):
+    """The tiny checkpoint in each released layout in turn (tests using it run once per family)."""
+    return request.getfixturevalue("tiny_ckpt" if request.param == "dots.ocr" else "tiny_mocr_ckpt")
+
+
+@pytest.fixture(scope="session")
 def runner(tiny_ckpt):
     """A ModelRunner on the tiny checkpoint, loaded once (CPU, float32)."""
     from model_runner.runner import ModelRunner

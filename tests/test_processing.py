@@ -1,10 +1,13 @@
 """The processor: prompt rendering, pad expansion, pixels identical to transformers' processor."""
+import json
+
+import pytest
 import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from model_runner.processing import IMAGE_PAD, load_processor
-from model_runner.prompts import PROMPT_TYPES, prompt_text
+from model_runner.prompts import prompt_text, system_text
 
 
 def test_render_prompt_matches_the_evaluated_format(tiny_ckpt):
@@ -12,6 +15,85 @@ def test_render_prompt_matches_the_evaluated_format(tiny_ckpt):
     assert processor.render_prompt("P") == "<|user|><|img|><|imgpad|><|endofimg|>P<|endofuser|><|assistant|>"
     two = processor.render_prompt("P", n_images=2)
     assert two == "<|user|>" + "<|img|><|imgpad|><|endofimg|>" * 2 + "P<|endofuser|><|assistant|>"
+    assert processor.render_prompt("P", system=None) == processor.render_prompt("P")
+
+
+def test_render_prompt_with_a_system_turn(tiny_ckpt):
+    processor = load_processor(tiny_ckpt)
+    assert processor.render_prompt("Q?", system="You are a helpful assistant.") == (
+        "<|system|>You are a helpful assistant.<|endofsystem|>\n"
+        "<|user|><|img|><|imgpad|><|endofimg|>Q?<|endofuser|><|assistant|>")
+
+
+def _upstream_messages(prompt, system=None):
+    """The message shape upstream's vLLM client sends (dots_ocr / dots_mocr model/inference.py)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": f"<|img|><|imgpad|><|endofimg|>{prompt}"},
+    ]})
+    return messages
+
+
+@pytest.mark.parametrize("prompt_type", ["prompt_ocr", "prompt_general"])
+def test_render_chat_of_upstream_messages_equals_render_prompt(tiny_family_ckpt, prompt_type):
+    processor = load_processor(tiny_family_ckpt)
+    question = "What does the sign say?" if prompt_type == "prompt_general" else None
+    prompt, system = prompt_text(prompt_type, question=question), system_text(prompt_type)
+    rendered = processor.render_chat(_upstream_messages(prompt, system))
+    assert rendered == processor.render_prompt(prompt, system=system)
+    if system:
+        assert rendered.startswith("<|system|>You are a helpful assistant.<|endofsystem|>\n<|user|>")
+
+
+def test_render_chat_uses_the_checkpoint_template(tiny_ckpt):
+    processor = load_processor(tiny_ckpt)
+    template = json.loads((tiny_ckpt / "chat_template.json").read_text())["chat_template"]
+    assert processor.chat_template == template
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": [{"type": "text", "text": "U2"}]}]
+    assert processor.render_chat(chat) == (
+        "<|system|>S<|endofsystem|>\n<|user|>U1<|endofuser|><|assistant|>A1<|endofassistant|>"
+        "<|user|>U2<|endofuser|><|assistant|>")
+
+
+def test_render_chat_flattens_parts_as_vllm_does(tiny_ckpt):
+    processor = load_processor(tiny_ckpt)
+    # An image whose placeholder the text lacks goes in front, followed by a newline; text parts
+    # are joined with newlines.
+    parts = [{"type": "image"}, {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert processor.render_chat([{"role": "user", "content": parts}]) == (
+        "<|user|><|img|><|imgpad|><|endofimg|>\na\nb<|endofuser|><|assistant|>")
+    two = [{"type": "image_url", "image_url": {"url": "x"}}, {"image": "y"}, {"type": "text", "text": "Q"}]
+    assert processor.render_chat([{"role": "user", "content": two}]).count(IMAGE_PAD) == 2
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "non-empty list"),
+    ("hello", "non-empty list"),
+    ([{"role": "tool", "content": "x"}], "role"),
+    (["x"], "object"),
+    ([{"role": "user", "content": 5}], "string or a list"),
+    ([{"role": "user", "content": [{"type": "audio"}]}], "unsupported content part"),
+    ([{"role": "user", "content": ["text"]}], "content part must be an object"),
+    ([{"role": "system", "content": [{"type": "image"}]}], "only user messages may hold images"),
+])
+def test_render_chat_refuses_malformed_messages(tiny_ckpt, messages, match):
+    processor = load_processor(tiny_ckpt)
+    with pytest.raises(ValueError, match=match):
+        processor.render_chat(messages)
+
+
+def test_render_chat_expands_pads_like_render_prompt(tiny_ckpt, page_image):
+    processor = load_processor(tiny_ckpt)
+    prompt = prompt_text("prompt_general", question="Read it.")
+    system = system_text("prompt_general")
+    by_chat = processor(text=processor.render_chat(_upstream_messages(prompt, system)), images=[page_image])
+    by_prompt = processor(text=processor.render_prompt(prompt, system=system), images=[page_image])
+    assert torch.equal(by_chat["input_ids"], by_prompt["input_ids"])
+    pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    grid = by_chat["image_grid_thw"]
+    assert int((by_chat["input_ids"] == pad_id).sum()) == int(grid.prod(dim=1).sum()) // 4
 
 
 def test_one_pad_per_image_token(tiny_ckpt, page_image):
@@ -64,7 +146,6 @@ def test_patch_layout_follows_model_md(tiny_ckpt):
 
 
 def test_prompt_texts_are_the_trained_strings():
-    assert PROMPT_TYPES == ("prompt_layout_all_en", "prompt_layout_only_en", "prompt_ocr", "prompt_grounding_ocr")
     assert prompt_text("prompt_ocr") == "Extract the text content from this image."
     grounding = prompt_text("prompt_grounding_ocr", [163, 241, 1536, 705])
     assert grounding.endswith("Bounding Box:\n[163, 241, 1536, 705]")
