@@ -1,10 +1,10 @@
-"""Mapping cell boxes from model-input pixels to original-image pixels."""
+"""Mapping cell boxes and quadrilaterals from model-input pixels to original-image pixels."""
 from __future__ import annotations
 
 import math
 from typing import Callable, Sequence
 
-__all__ = ["scale_bbox", "scale_cells"]
+__all__ = ["scale_bbox", "scale_cells", "scale_spots"]
 
 Size = tuple[int, int]
 BBoxMapper = Callable[[Sequence[float], Size, Size], Sequence[float]]
@@ -65,6 +65,33 @@ def scale_cells(cells: Sequence[dict], model_size: Size, original_size: Size,
             else:
                 c["bbox"] = mapped
         out.append(c)
+    return out
+
+
+def scale_spots(spots: Sequence[dict], model_size: Size, original_size: Size,
+                to_original: BBoxMapper | None = None) -> list[dict]:
+    """Return copies of ``spots`` with every ``quad`` corner mapped from model-input to original
+    pixels, by the same mapping as :func:`scale_cells` (a corner is mapped as the degenerate box
+    ``[x, y, x, y]``, so the rounding and clamping are those of the boxes). A spot whose quad is not
+    four finite (x, y) pairs is dropped. Raises ValueError for non-positive sizes.
+    """
+    model_size = _check_size(model_size, "model_size")
+    original_size = _check_size(original_size, "original_size")
+    w_o, h_o = original_size
+    mapper = to_original or scale_bbox
+    out: list[dict] = []
+    for spot in spots:
+        if not isinstance(spot, dict):
+            continue
+        quad = spot.get("quad")
+        try:
+            corners = [_map_one([x, y, x, y], model_size, original_size, mapper, w_o, h_o)
+                       for x, y in quad]
+        except (TypeError, ValueError):
+            continue
+        if len(corners) != 4 or any(c is None for c in corners):
+            continue
+        out.append({**spot, "quad": [c[:2] for c in corners]})
     return out
 
 

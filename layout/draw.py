@@ -1,4 +1,4 @@
-"""Drawing layout cells on the page image."""
+"""Drawing layout cells, or spotted scene-text quadrilaterals, on the page image."""
 from __future__ import annotations
 
 import base64
@@ -11,7 +11,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .categories import category_color
 
-__all__ = ["draw_layout", "visualize_png_base64", "label_font_size"]
+__all__ = ["draw_layout", "draw_spots", "visualize_png_base64", "spots_png_base64", "png_base64",
+           "label_font_size"]
+
+SPOT_COLOR: tuple[int, int, int] = (0, 200, 0)  # green quadrilaterals, as upstream draws them
+SPOT_LABEL_CHARS = 40  # longer texts are cut with an ellipsis in the drawing (as upstream)
 
 
 def label_font_size(width: int, height: int) -> int:
@@ -111,8 +115,84 @@ def draw_layout(image: Image.Image, cells: Sequence[dict], *, fill_opacity: floa
     return out
 
 
+def _corners(quad, w: int, h: int) -> list[tuple[int, int]] | None:
+    try:
+        points = [(float(x), float(y)) for x, y in quad]
+    except (TypeError, ValueError):
+        return None
+    if len(points) != 4 or not all(math.isfinite(v) for p in points for v in p):
+        return None
+    return [(min(max(int(round(x)), 0), w - 1), min(max(int(round(y)), 0), h - 1)) for x, y in points]
+
+
+def draw_spots(image: Image.Image, spots: Sequence[dict], *, fill_opacity: float = 0.2,
+               show_labels: bool = True, line_width: int | None = None,
+               font_size: int | None = None) -> Image.Image:
+    """Draw the spotted quadrilaterals (corners in ``image`` pixels, i.e. original pixels) with
+    their text on an RGB copy of ``image``; the input is not modified.
+
+    Each spot: its quadrilateral filled at ``fill_opacity`` plus an opaque closed outline in
+    :data:`SPOT_COLOR`; with ``show_labels`` its text (cut to :data:`SPOT_LABEL_CHARS` characters)
+    in white on a dark background just above the first corner (below it when there is no room),
+    kept inside the page. Sizes scale with the page as in :func:`draw_layout`. Spots without a
+    usable quad are skipped.
+    """
+    base = _to_rgb(image)
+    w, h = base.size
+    if w < 1 or h < 1:
+        return base
+    alpha = int(round(min(max(float(fill_opacity), 0.0), 1.0) * 255))
+    lw = line_width if line_width is not None else max(1, int(round(max(w, h) / 800)))
+    fs = font_size if font_size is not None else label_font_size(w, h)
+    font = _font(fs)
+
+    quads = []
+    overlay = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    ov = ImageDraw.Draw(overlay)
+    for spot in spots:
+        if not isinstance(spot, dict):
+            continue
+        corners = _corners(spot.get("quad"), w, h)
+        if corners is None:
+            continue
+        ov.polygon(corners, fill=SPOT_COLOR + (alpha,))
+        text = spot.get("text")
+        quads.append((corners, text if isinstance(text, str) else ""))
+
+    out = Image.alpha_composite(base.convert("RGBA"), overlay).convert("RGB")
+    draw = ImageDraw.Draw(out)
+    for corners, _text in quads:
+        draw.line(corners + corners[:1], fill=SPOT_COLOR, width=lw, joint="curve")
+    if show_labels:
+        pad = max(1, fs // 6)
+        for corners, text in quads:
+            label = text if len(text) <= SPOT_LABEL_CHARS else text[:SPOT_LABEL_CHARS] + "..."
+            label = " ".join(label.split())  # one line
+            if not label:
+                continue
+            left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+            bw, bh = right - left + 2 * pad, bottom - top + 2 * pad
+            x, y = corners[0]
+            ly = y - bh if y - bh >= 0 else y + 1
+            lx = min(x, max(0, w - bw))
+            ly = min(ly, max(0, h - bh))
+            draw.rectangle((lx, ly, lx + bw - 1, ly + bh - 1), fill=(0, 0, 0))
+            draw.text((lx + pad - left, ly + pad - top), label, fill=(255, 255, 255), font=font)
+    return out
+
+
+def png_base64(image: Image.Image) -> str:
+    """Base64 (no ``data:`` prefix) of ``image`` as PNG."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def visualize_png_base64(image: Image.Image, cells: Sequence[dict], **kwargs) -> str:
     """Base64 (no ``data:`` prefix) of the PNG of :func:`draw_layout`."""
-    buf = io.BytesIO()
-    draw_layout(image, cells, **kwargs).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return png_base64(draw_layout(image, cells, **kwargs))
+
+
+def spots_png_base64(image: Image.Image, spots: Sequence[dict], **kwargs) -> str:
+    """Base64 (no ``data:`` prefix) of the PNG of :func:`draw_spots`."""
+    return png_base64(draw_spots(image, spots, **kwargs))

@@ -21,6 +21,7 @@ from layout import (
     scale_bbox,
     scale_cells,
     visualize_png_base64,
+    visualize_response,
 )
 
 
@@ -614,3 +615,34 @@ def test_postprocess_fallback_and_other_prompts():
     out = postprocess_response(" # OCR text ", prompt_type="prompt_ocr",
                                model_size=(100, 100), original_size=(100, 100))
     assert out == {"layout": [], "markdown": "# OCR text", "repaired": False}
+
+
+def test_postprocess_web_parsing_is_a_layout():
+    """prompt_web_parsing answers layout JSON: the same post-processing as prompt_layout_all_en."""
+    kwargs = dict(model_size=(616, 812), original_size=(1232, 1624))
+    web = postprocess_response(PAGE_JSON, prompt_type="prompt_web_parsing", **kwargs)
+    assert web == postprocess_response(PAGE_JSON, prompt_type="prompt_layout_all_en", **kwargs)
+    assert web["layout"][1]["bbox"] == [40, 120, 1160, 200] and web["repaired"] is False
+    cut = postprocess_response(PAGE_JSON[:300], prompt_type="prompt_web_parsing", **kwargs)
+    assert cut["repaired"] is True and cut["layout"]
+
+
+def test_postprocess_general_passes_through():
+    out = postprocess_response(" The sign says STOP. ", prompt_type="prompt_general",
+                               model_size=(100, 100), original_size=(100, 100))
+    assert out == {"layout": [], "markdown": "The sign says STOP.", "repaired": False}
+
+
+@pytest.mark.parametrize("prompt_type", ["prompt_layout_all_en", "prompt_web_parsing", "prompt_grounding_ocr"])
+def test_visualize_response_draws_the_layout(prompt_type):
+    img = _page(300, 400)
+    processed = postprocess_response(json.dumps([cell([10, 10, 100, 100], "Picture")]), prompt_type=prompt_type,
+                                     model_size=(300, 400), original_size=img.size)
+    out = visualize_response(processed, prompt_type=prompt_type, image=img)
+    assert out == {"visualization": visualize_png_base64(img, processed["layout"])}
+
+
+def test_visualize_response_plain_page_for_other_types():
+    img = _page(120, 80)
+    out = visualize_response({"layout": [], "markdown": "x", "repaired": False}, prompt_type="prompt_ocr", image=img)
+    assert out == {"visualization": visualize_png_base64(img, [])}
