@@ -96,7 +96,7 @@ def _quad(match: re.Match) -> tuple[list[list[int]], bool]:
     """The four corners as ints (rounded, clipped to >= 0) and whether that changed anything."""
     values = [float(v) for v in match.groups()]
     ints = [max(0, int(math.floor(v + 0.5))) if math.isfinite(v) else 0 for v in values]
-    changed = any(i != v for i, v in zip(ints, values))
+    changed = any(i != v for i, v in zip(ints, values, strict=True))
     return [ints[i:i + 2] for i in range(0, 8, 2)], changed
 
 

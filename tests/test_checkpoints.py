@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from model_runner.tiny import MOCR_PREPROCESSOR_AUTO_MAP, build_tiny_checkpoint
 
@@ -55,7 +54,7 @@ def test_mocr_folder_loads_and_generates_like_dots_ocr(runner, tiny_mocr_ckpt, p
     b = runner.generate(page_image, "prompt_ocr", temperature=0.0, max_new_tokens=8)
     assert a.stats.new_tokens == 8 and a.text == b.text
     assert a.stats.model_size == b.stats.model_size
-    for (name, p), (_, q) in zip(mocr.model.state_dict().items(), runner.model.state_dict().items()):
+    for (name, p), (_, q) in zip(mocr.model.state_dict().items(), runner.model.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
 
 
