@@ -1,12 +1,15 @@
 """Request image -> validated RGB PIL image; limits and safety policies; the model's 28-pixel
 smart resize and coordinate mapping; PDF pages.
 
-Public API::
+Public API (other packages import only these names, from ``image_utils`` itself)::
 
     from image_utils import (ImageInputError, ImagePolicy, LoadedImage, load_document, load_image,
-                             smart_resize_dims, resize_for_model, to_model_coords, to_original_coords)
+                             smart_resize_dims, resize_for_model, to_model_coords, to_original_coords,
+                             clip_for_message, decode_image_bytes, is_pdf_bytes, pdf_page_count,
+                             PDFIUM_LOCK)
 """
-from .errors import ImageInputError
+from .decode import decode_image_bytes, is_pdf_bytes
+from .errors import ImageInputError, clip_for_message
 from .geometry import (
     IMAGE_FACTOR,
     MAX_PIXELS,
@@ -17,6 +20,7 @@ from .geometry import (
     to_original_coords,
 )
 from .loader import IMAGE_FORMATS, LoadedImage, load_document, load_image
+from .pdf import PDFIUM_LOCK, pdf_page_count
 from .policy import ImagePolicy
 
 __all__ = [
@@ -24,11 +28,16 @@ __all__ = [
     "IMAGE_FORMATS",
     "MAX_PIXELS",
     "MIN_PIXELS",
+    "PDFIUM_LOCK",
     "ImageInputError",
     "ImagePolicy",
     "LoadedImage",
+    "clip_for_message",
+    "decode_image_bytes",
+    "is_pdf_bytes",
     "load_document",
     "load_image",
+    "pdf_page_count",
     "resize_for_model",
     "smart_resize_dims",
     "to_model_coords",

@@ -143,7 +143,8 @@ def _check_bbox(bbox) -> Tuple[Fraction, Fraction, Fraction, Fraction]:
         raise ImageInputError("bbox must be a list of four numbers [x1, y1, x2, y2]")
     out = []
     for v in bbox:
-        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+        # Integers are exact and always finite (math.isfinite would overflow on a huge one).
+        if isinstance(v, bool) or not isinstance(v, Real) or (not isinstance(v, Integral) and not math.isfinite(v)):
             raise ImageInputError("bbox must be a list of four finite numbers [x1, y1, x2, y2]")
         out.append(Fraction(int(v)) if isinstance(v, Integral) else Fraction(float(v)))
     return tuple(out)  # type: ignore[return-value]

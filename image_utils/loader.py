@@ -7,7 +7,7 @@ from typing import Optional
 from PIL import Image
 
 from .decode import decode_image_bytes, is_pdf_bytes
-from .errors import ImageInputError
+from .errors import ImageInputError, clip_for_message
 from .pdf import render_pdf_page, validate_dpi
 from .policy import ImagePolicy
 from .sources import decode_base64, is_data_uri, read_path
@@ -53,7 +53,8 @@ def load_bytes(value: str, image_format: Optional[str], policy: ImagePolicy) -> 
     fmt = "path" if image_format is None else image_format
     if not isinstance(fmt, str) or fmt.strip().lower() not in IMAGE_FORMATS:
         raise ImageInputError(
-            f"Invalid image_format {image_format!r}. Must be one of: {list(IMAGE_FORMATS)}"
+            f"Invalid image_format {clip_for_message(repr(image_format), 60)}. "
+            f"Must be one of: {list(IMAGE_FORMATS)}"
         )
     fmt = fmt.strip().lower()
     if fmt == "path":

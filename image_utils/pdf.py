@@ -8,22 +8,38 @@ until pdfium's rounded-up pixel size fits). Unlike upstream dots.ocr, which jump
 72 dpi, this keeps as much resolution as the model can take; the result may be below 72 dpi
 for very large pages.
 
-pdfium is not thread-safe: every pdfium call in this module runs under one module-level lock,
-and every pdfium object (document, page, bitmap) is closed before the lock is released.
+Cost bounds: a PDF with more than ``policy.max_pdf_pages`` pages is refused as soon as it is
+opened (413); opening, loading the page and drawing it must finish within
+``policy.pdf_render_timeout`` seconds (413). Drawing uses pdfium's progressive renderer, whose
+pause callback lets it stop mid-page once the deadline has passed; opening and loading a page
+cannot be interrupted, so the deadline is checked after each of them. The bitmap's size is
+bounded by the resolution rule above.
+
+Memory: pdfium is not thread-safe, so every pdfium call in this module runs under one
+module-level lock (:data:`PDFIUM_LOCK`), and every pdfium object (document, page, bitmap) is
+closed explicitly before the lock is released, whatever happened, rather than left to the
+garbage collector (a lingering Python reference, e.g. from a traceback, would otherwise keep a
+whole document alive). pdfium's image cache is limited while drawing. After each render the C
+allocator is asked to give freed memory back to the system (glibc ``malloc_trim``): each server
+thread allocates from its own malloc arena, and a multi-megabyte bitmap freed there otherwise
+stays in the process's RSS.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import threading
+import time
 from typing import Optional, Tuple
 
 from PIL import Image
 
 from .decode import check_dimensions
-from .errors import ImageInputError
+from .errors import ImageInputError, clip_for_message
 from .policy import MAX_PDF_DPI, MIN_PDF_DPI, PDF_MAX_SIDE, ImagePolicy
 
-__all__ = ["render_pdf_page", "fit_pdf_dpi", "validate_dpi", "PDFIUM_LOCK"]
+__all__ = ["render_pdf_page", "pdf_page_count", "fit_pdf_dpi", "validate_dpi", "PDFIUM_LOCK"]
 
 #: Guards every pypdfium2 call made by this package.
 PDFIUM_LOCK = threading.Lock()
@@ -31,11 +47,14 @@ PDFIUM_LOCK = threading.Lock()
 
 def validate_dpi(dpi) -> float:
     """Return ``dpi`` as a float if it is a number in 36..600, else raise ImageInputError (400)."""
-    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not math.isfinite(dpi):
+    not_finite = isinstance(dpi, float) and not math.isfinite(dpi)
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not_finite:
         raise ImageInputError(f"dpi must be a number between {MIN_PDF_DPI} and {MAX_PDF_DPI}")
+    # Compared as given (no float conversion first): a huge int would overflow a float.
     if not (MIN_PDF_DPI <= dpi <= MAX_PDF_DPI):
         raise ImageInputError(
-            f"dpi {dpi:g} is out of range: it must be between {MIN_PDF_DPI} and {MAX_PDF_DPI}"
+            f"dpi {clip_for_message(dpi, 40)} is out of range: it must be between {MIN_PDF_DPI} "
+            f"and {MAX_PDF_DPI}"
         )
     return float(dpi)
 
@@ -78,60 +97,173 @@ def _open_error(exc: Exception) -> ImageInputError:
     return ImageInputError("Could not open PDF: the file is damaged or not a valid PDF")
 
 
+def _open_document(source):
+    """A pypdfium2 document for ``source`` (bytes, or a file path); ImageInputError if unreadable.
+    Call with PDFIUM_LOCK held."""
+    import pypdfium2 as pdfium
+
+    try:
+        return pdfium.PdfDocument(source)
+    except pdfium.PdfiumError as exc:
+        raise _open_error(exc) from None
+    except Exception:
+        raise ImageInputError("Could not open PDF: the file is damaged or not a valid PDF") from None
+
+
+def pdf_page_count(source) -> int:
+    """Number of pages of the PDF in ``source`` (``bytes``, or a path to a file).
+
+    Takes :data:`PDFIUM_LOCK` and closes the document before returning. Raises ImageInputError
+    (400) with a client-facing reason when the PDF is encrypted, damaged or not a PDF.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = bytes(source)
+    else:
+        source = str(source)
+    with PDFIUM_LOCK:
+        document = _open_document(source)
+        try:
+            return len(document)
+        finally:
+            document.close()
+
+
+class _Deadline:
+    """The rendering time limit: ``check`` raises once it has passed; ``passed`` is what pdfium's
+    pause callback asks while drawing."""
+
+    def __init__(self, seconds: float, page: int) -> None:
+        self.seconds = seconds
+        self.page = page
+        self.end = time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def error(self) -> ImageInputError:
+        return ImageInputError(
+            f"Rendering page {self.page} of the PDF took longer than the limit of {self.seconds:g} s "
+            "(the page is too complex)",
+            status=413,
+        )
+
+    def check(self) -> None:
+        if self.passed():
+            raise self.error()
+
+
+def _draw(pdf_page, dpi: float, deadline: _Deadline):
+    """Draw ``pdf_page`` at ``dpi`` into a new RGB bitmap on white, stopping at the deadline.
+
+    Returns the pypdfium2 bitmap (the caller closes it). pypdfium2's ``PdfPage.render`` draws in
+    one uninterruptible call, so this uses pdfium's progressive renderer directly: its pause
+    callback is asked every hundred or so page objects whether to stop.
+    """
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
+
+    width, height = _pixel_size(*pdf_page.get_size(), dpi)
+    bitmap = pdfium.PdfBitmap.new_native(width, height, pdfium_c.FPDFBitmap_BGR, rev_byteorder=True)
+    try:
+        bitmap.fill_rect((255, 255, 255, 255), 0, 0, width, height)
+        flags = pdfium_c.FPDF_ANNOT | pdfium_c.FPDF_REVERSE_BYTE_ORDER | pdfium_c.FPDF_RENDER_LIMITEDIMAGECACHE
+        pause = pdfium_c.IFSDK_PAUSE(version=1)
+        pause.NeedToPauseNow = type(pause.NeedToPauseNow)(lambda _pause: deadline.passed())
+        area = (bitmap, pdf_page, 0, 0, width, height, 0, flags)
+        try:
+            status = pdfium_c.FPDF_RenderPageBitmap_Start(*area, pause)
+            while status == pdfium_c.FPDF_RENDER_TOBECONTINUED and not deadline.passed():
+                status = pdfium_c.FPDF_RenderPage_Continue(pdf_page, pause)
+        finally:
+            pdfium_c.FPDF_RenderPage_Close(pdf_page)  # frees the progressive renderer's state
+        if status == pdfium_c.FPDF_RENDER_TOBECONTINUED:
+            raise deadline.error()
+        if status != pdfium_c.FPDF_RENDER_DONE:
+            raise ImageInputError(f"Could not render page {deadline.page} of the PDF")
+        if pdf_page.formenv:  # filled-in form fields, drawn on top like pypdfium2 does
+            pdfium_c.FPDF_FFLDraw(pdf_page.formenv, *area)
+    except BaseException:
+        bitmap.close()
+        raise
+    return bitmap
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def _give_back_freed_memory() -> None:
+    # No library offers this; ctypes is the standard way to reach the C allocator.
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def render_pdf_page(
     data: bytes, policy: ImagePolicy, page: int = 1, dpi: Optional[float] = None
 ) -> Tuple[Image.Image, int, float]:
     """Render page ``page`` (1-based) of the PDF in ``data``.
 
-    Returns ``(rgb_image, page_count, dpi_used)``. Raises ImageInputError for an out-of-range
-    page, an encrypted or broken PDF, or a PDF with more than ``policy.pdf_max_pages`` pages.
+    Returns ``(rgb_image, page_count, dpi_used)``. Raises ImageInputError: 400 for an
+    out-of-range page or an encrypted or broken PDF; 413 for a PDF with more than
+    ``policy.max_pdf_pages`` pages or one whose page takes longer than
+    ``policy.pdf_render_timeout`` seconds.
     """
-    import pypdfium2 as pdfium
-
     requested = float(policy.pdf_dpi) if dpi is None else validate_dpi(dpi)
-    with PDFIUM_LOCK:
-        try:
-            document = pdfium.PdfDocument(bytes(data))
-        except pdfium.PdfiumError as exc:
-            raise _open_error(exc) from None
-        except Exception:
-            raise ImageInputError("Could not open PDF: the file is damaged or not a valid PDF") from None
-        try:
-            page_count = len(document)
-            if page_count > policy.pdf_max_pages:
-                raise ImageInputError(
-                    f"PDF has {page_count} pages, more than the limit of {policy.pdf_max_pages}"
-                )
-            if not 1 <= page <= page_count:
-                raise ImageInputError(f"Page {page} out of range: the PDF has {page_count} pages")
+    deadline = _Deadline(policy.pdf_render_timeout, page)
+    try:
+        with PDFIUM_LOCK:
+            document = _open_document(bytes(data))
             try:
-                document.init_forms()  # so that filled-in form fields are drawn
-            except Exception:
-                pass
-            try:
-                pdf_page = document[page - 1]
-            except Exception:
-                raise ImageInputError(f"Could not read page {page} of the PDF") from None
-            try:
-                width_pt, height_pt = pdf_page.get_size()
-                if not (math.isfinite(width_pt) and math.isfinite(height_pt)) or width_pt <= 0 or height_pt <= 0:
-                    raise ImageInputError(f"Page {page} of the PDF has an invalid size")
-                used = fit_pdf_dpi(width_pt, height_pt, requested, policy.max_model_pixels)
-                w_px, h_px = _pixel_size(width_pt, height_pt, used)
-                check_dimensions(w_px, h_px, policy)
-                try:
-                    bitmap = pdf_page.render(
-                        scale=used / 72.0, fill_color=(255, 255, 255, 255), rev_byteorder=True
-                    )
-                except Exception:
-                    raise ImageInputError(f"Could not render page {page} of the PDF") from None
-                try:
-                    # convert() copies, so the image no longer refers to pdfium's buffer.
-                    image = bitmap.to_pil().convert("RGB")
-                finally:
-                    bitmap.close()
+                page_count = len(document)
+                _check_page_count(page_count, page, policy)
+                image, used = _render_open_document(document, page, requested, policy, deadline)
             finally:
-                pdf_page.close()
-        finally:
-            document.close()
+                document.close()
+    finally:
+        _give_back_freed_memory()
     return image, page_count, used
+
+
+def _check_page_count(page_count: int, page: int, policy: ImagePolicy) -> None:
+    if page_count > policy.max_pdf_pages:
+        raise ImageInputError(
+            f"PDF has {page_count} pages, more than the limit of {policy.max_pdf_pages} pages",
+            status=413,
+        )
+    if not 1 <= page <= page_count:
+        raise ImageInputError(
+            f"Page {clip_for_message(page, 40)} out of range: the PDF has {page_count} pages"
+        )
+
+
+def _render_open_document(document, page: int, requested: float, policy: ImagePolicy, deadline: _Deadline):
+    deadline.check()
+    try:
+        document.init_forms()  # so that filled-in form fields are drawn
+    except Exception:
+        pass
+    try:
+        pdf_page = document[page - 1]
+    except Exception:
+        raise ImageInputError(f"Could not read page {page} of the PDF") from None
+    try:
+        deadline.check()
+        width_pt, height_pt = pdf_page.get_size()
+        if not (math.isfinite(width_pt) and math.isfinite(height_pt)) or width_pt <= 0 or height_pt <= 0:
+            raise ImageInputError(f"Page {page} of the PDF has an invalid size")
+        used = fit_pdf_dpi(width_pt, height_pt, requested, policy.max_model_pixels)
+        check_dimensions(*_pixel_size(width_pt, height_pt, used), policy)
+        bitmap = _draw(pdf_page, used, deadline)
+        try:
+            # convert() copies, so the image no longer refers to pdfium's buffer.
+            image = bitmap.to_pil().convert("RGB")
+        finally:
+            bitmap.close()
+    finally:
+        pdf_page.close()
+    return image, used

@@ -20,8 +20,8 @@ class ImagePolicy:
     """Limits and safety switches for :func:`image_utils.load_document`.
 
     - ``image_root``: when set, ``path`` images must resolve (symlinks resolved) to a file inside
-      this directory, and relative paths are taken relative to it. When ``None``, any readable
-      file may be used and relative paths are taken relative to the process working directory.
+      this directory. Relative paths are always taken relative to the process working directory:
+      the root confines paths, it does not relocate them.
     - ``allow_private_urls``: allow ``url`` images whose host resolves to loopback, private,
       link-local, multicast, reserved or unspecified addresses (off by default: SSRF guard).
     - ``max_image_pixels``: width*height limit read from the image header before any pixel is
@@ -29,12 +29,15 @@ class ImagePolicy:
     - ``max_download_bytes``: cap on the raw bytes of an input, whatever its source (URL body,
       decoded base64, file read from ``path``); exceeding it answers 413.
     - ``url_connect_timeout`` / ``url_read_timeout``: seconds, per connection attempt and per
-      socket read. ``url_total_timeout``: wall-clock budget for a whole URL fetch, redirects
-      included (checked between reads).
+      socket read. ``url_total_timeout``: one wall-clock deadline, in seconds, for a whole URL
+      fetch: name resolution, connecting, response headers, body and every redirect. It is
+      enforced even against a server that sends one byte at a time (400 when it passes).
     - ``max_redirects``: redirects followed for ``url`` images; each hop is re-checked.
-    - ``pdf_dpi``: default rendering resolution of PDF pages; ``pdf_max_pages``: PDFs with more
-      pages are refused; ``max_model_pixels``: a rendered page is kept at or below this many
-      pixels (and at or below 4500 px per side) by lowering the resolution.
+    - ``pdf_dpi``: default rendering resolution of PDF pages. ``max_pdf_pages``: PDFs with more
+      pages are refused when opened (413). ``pdf_render_timeout``: seconds allowed for opening a
+      PDF, loading the page and drawing it (413 when it passes; drawing is interrupted).
+      ``max_model_pixels``: a rendered page is kept at or below this many pixels (and at or below
+      4500 px per side) by lowering the resolution.
     """
 
     image_root: Optional[str] = None
@@ -45,6 +48,7 @@ class ImagePolicy:
     url_read_timeout: float = 20.0
     max_redirects: int = 3
     pdf_dpi: int = 200
-    pdf_max_pages: int = 500
+    max_pdf_pages: int = 2000
     max_model_pixels: int = 11_289_600
     url_total_timeout: float = 120.0
+    pdf_render_timeout: float = 30.0

@@ -24,10 +24,11 @@ import re
 import stat
 from typing import Iterable, Iterator
 
-from .errors import ImageInputError
+from .errors import ImageInputError, clip_for_message
 from .policy import ImagePolicy
 
-__all__ = ["read_path", "decode_base64", "is_data_uri", "too_large_error", "read_capped"]
+__all__ = ["read_path", "decode_base64", "is_data_uri", "too_large_error", "read_capped",
+           "reject_lone_surrogates"]
 
 _DATA_URI_PREFIXES = ("data:image/", "data:application/pdf")
 _WHITESPACE = re.compile(r"\s+")
@@ -51,6 +52,22 @@ def read_capped(chunks: Iterable[bytes], limit: int, what: str) -> bytes:
     return b"".join(parts)
 
 
+def reject_lone_surrogates(value: str, what: str) -> None:
+    """Raise ImageInputError (400) when ``value`` holds a lone surrogate (``"\\ud800"``).
+
+    JSON may carry one as an escape, but it is not a character: it cannot be encoded as UTF-8, so
+    it can neither name a file nor appear in a URL. (Python would map ``\\udc80``..``\\udcff``
+    to raw bytes of a file name; a client cannot mean that through JSON, so those are refused
+    too.)"""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = clip_for_message(value[exc.start:exc.start + 1])
+        raise ImageInputError(
+            f"{what} is not valid Unicode text: it contains a lone surrogate ({bad}) at position {exc.start}"
+        ) from None
+
+
 def is_data_uri(value: str) -> bool:
     """True for a ``data:image/...`` or ``data:application/pdf...`` URI (case-insensitive)."""
     head = value[:32].lstrip().lower()
@@ -62,6 +79,7 @@ def _resolve(value: str, policy: ImagePolicy) -> str:
         raise ImageInputError("No image data provided")
     if "\x00" in value:
         raise ImageInputError("Image path contains a NUL character")
+    reject_lone_surrogates(value, "Image path")
     if policy.image_root:
         root = os.path.realpath(policy.image_root)
         real = os.path.realpath(os.path.abspath(value))
@@ -71,12 +89,12 @@ def _resolve(value: str, policy: ImagePolicy) -> str:
     return os.path.realpath(os.path.abspath(value))
 
 
-def _file_chunks(fd: int, value: str) -> Iterator[bytes]:
+def _file_chunks(fd: int, shown: str) -> Iterator[bytes]:
     while True:
         try:
             chunk = os.read(fd, _CHUNK)
         except OSError:
-            raise ImageInputError(f"Image file is not readable: {value}") from None
+            raise ImageInputError(f"Image file is not readable: {shown}") from None
         if not chunk:
             return
         yield chunk
@@ -85,20 +103,21 @@ def _file_chunks(fd: int, value: str) -> Iterator[bytes]:
 def read_path(value: str, policy: ImagePolicy) -> bytes:
     """Return the bytes of the file named by ``value``, enforcing the rules in the module doc."""
     real = _resolve(value, policy)
+    shown = clip_for_message(value)
     try:
         info = os.stat(real)
     except FileNotFoundError:
-        raise ImageInputError(f"Image file not found: {value}") from None
+        raise ImageInputError(f"Image file not found: {shown}") from None
     except NotADirectoryError:
-        raise ImageInputError(f"Image file not found: {value}") from None
+        raise ImageInputError(f"Image file not found: {shown}") from None
     except PermissionError:
-        raise ImageInputError(f"Image file is not readable: {value}") from None
+        raise ImageInputError(f"Image file is not readable: {shown}") from None
     except OSError:
-        raise ImageInputError(f"Image file could not be accessed: {value}") from None
+        raise ImageInputError(f"Image file could not be accessed: {shown}") from None
     if stat.S_ISDIR(info.st_mode):
-        raise ImageInputError(f"Image path is a directory, not a file: {value}")
+        raise ImageInputError(f"Image path is a directory, not a file: {shown}")
     if not stat.S_ISREG(info.st_mode):
-        raise ImageInputError(f"Image path is not a regular file: {value}")
+        raise ImageInputError(f"Image path is not a regular file: {shown}")
     limit = policy.max_download_bytes
     if info.st_size > limit:
         raise too_large_error(limit, "Image file")
@@ -108,18 +127,18 @@ def read_path(value: str, policy: ImagePolicy) -> bytes:
     try:
         fd = os.open(real, flags)
     except FileNotFoundError:
-        raise ImageInputError(f"Image file not found: {value}") from None
+        raise ImageInputError(f"Image file not found: {shown}") from None
     except OSError:
         # PermissionError, or ELOOP when the file was swapped for a symlink after the checks.
-        raise ImageInputError(f"Image file is not readable: {value}") from None
+        raise ImageInputError(f"Image file is not readable: {shown}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ImageInputError(f"Image path is not a regular file: {value}")
-        data = read_capped(_file_chunks(fd, value), limit, "Image file")
+            raise ImageInputError(f"Image path is not a regular file: {shown}")
+        data = read_capped(_file_chunks(fd, shown), limit, "Image file")
     finally:
         os.close(fd)
     if not data:
-        raise ImageInputError(f"Image file is empty: {value}")
+        raise ImageInputError(f"Image file is empty: {shown}")
     return data
 
 

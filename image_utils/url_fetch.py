@@ -12,7 +12,14 @@ For every hop (the first URL and each redirect target):
 4. redirects (301/302/303/307/308) are not followed by ``requests`` but by this loop, at most
    ``policy.max_redirects`` times, each target going through steps 1-3 again;
 5. the body is streamed with a byte cap (``policy.max_download_bytes``, also checked against a
-   declared ``Content-Length``), under connect/read timeouts and a total time budget.
+   declared ``Content-Length``), under connect/read timeouts.
+
+One deadline (``policy.url_total_timeout``) covers the whole fetch: name resolution, connecting,
+response headers, body and every redirect. Per-read timeouts alone cannot enforce it: a server
+that sends one byte a little faster than the read timeout keeps every read alive, whether in the
+headers or in a body without a length that ends when the connection closes. So every socket the
+fetch opens is registered with a timer that shuts it down when the deadline passes; that wakes
+whatever read is blocked on it, and the fetch then reports the timeout (never the truncated data).
 
 DNS rebinding: checking a name and then letting the HTTP library resolve it again would let a
 hostile DNS server answer with a public address for the check and a private one for the
@@ -29,13 +36,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 import time
 from typing import List, Optional
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-from .errors import ImageInputError
+from .errors import ImageInputError, clip_for_message
 from .policy import ImagePolicy
-from .sources import read_capped, too_large_error
+from .sources import read_capped, reject_lone_surrogates, too_large_error
 
 __all__ = ["fetch_url", "is_forbidden_address", "resolve_host"]
 
@@ -81,16 +89,104 @@ def is_forbidden_address(addr: IPAddress) -> bool:
     )
 
 
-def resolve_host(host: str, port: int) -> List[IPAddress]:
-    """All addresses ``host`` resolves to (an IP literal resolves to itself, without DNS)."""
+class _Deadline:
+    """The one wall-clock deadline of a URL fetch.
+
+    ``left()`` gives the seconds remaining (raising the timeout error once none are); sockets
+    passed to ``watch`` are shut down by a timer thread when the deadline passes, which makes a
+    read blocked on them return at once. ``close()`` stops the timer and releases the sockets.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        # Duplicates of the watched sockets: shutting a duplicate down shuts the connection down,
+        # and it stays valid even after the original is wrapped by TLS (which detaches it) or closed.
+        self._watched: List[socket.socket] = []
+        self._timer = threading.Timer(max(seconds, 0.0), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def error(self) -> ImageInputError:
+        return ImageInputError(
+            f"Timed out fetching the image URL: the download did not finish within {self.seconds:g} s"
+        )
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if self.expired or left <= 0:
+            raise self.error()
+        return left
+
+    def watch(self, sock: socket.socket) -> None:
+        duplicate = sock.dup()
+        with self._lock:
+            self._watched.append(duplicate)
+            if self.expired:
+                _shut(duplicate)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._watched:
+                _shut(sock)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._watched:
+                sock.close()
+            self._watched.clear()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed by the peer
+        pass
+
+
+def _getaddrinfo_within(host: str, port: int, seconds: Optional[float]):
+    """``socket.getaddrinfo`` that gives up after ``seconds`` (None: no limit).
+
+    The C resolver has no timeout argument, so the lookup runs in a daemon thread; on time-out the
+    thread is left to finish on its own (the system resolver's own timeouts end it)."""
+    if seconds is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    outcome: dict = {}
+
+    def lookup() -> None:
+        try:
+            outcome["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except BaseException as exc:  # handed to the waiting thread below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=lookup, name="image-url-dns", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["infos"]
+
+
+def resolve_host(host: str, port: int, timeout: Optional[float] = None) -> List[IPAddress]:
+    """All addresses ``host`` resolves to (an IP literal resolves to itself, without DNS).
+
+    ``timeout``: seconds to wait for the resolver (None: its own limits); raises TimeoutError."""
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
         pass
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _getaddrinfo_within(host, port, timeout)
+    except TimeoutError:
+        raise
     except (socket.gaierror, UnicodeError, OSError):
-        raise ImageInputError(f"Could not resolve image URL host: {host}") from None
+        raise ImageInputError(f"Could not resolve image URL host: {clip_for_message(host)}") from None
     addresses: List[IPAddress] = []
     for family, _type, _proto, _canon, sockaddr in infos:
         if family not in (socket.AF_INET, socket.AF_INET6):
@@ -103,14 +199,14 @@ def resolve_host(host: str, port: int) -> List[IPAddress]:
         if address not in addresses:
             addresses.append(address)
     if not addresses:
-        raise ImageInputError(f"Could not resolve image URL host: {host}")
+        raise ImageInputError(f"Could not resolve image URL host: {clip_for_message(host)}")
     return addresses
 
 
 class _Hop:
     """One checked hop: the URL as given, plus what is needed to send it to the pinned address."""
 
-    def __init__(self, url: str, policy: ImagePolicy) -> None:
+    def __init__(self, url: str, policy: ImagePolicy, deadline: _Deadline) -> None:
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -119,7 +215,8 @@ class _Hop:
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
             raise ImageInputError(
-                f"Unsupported URL scheme {parts.scheme!r}: only http and https URLs are allowed"
+                f"Unsupported URL scheme {clip_for_message(repr(parts.scheme), 40)}: only http and "
+                "https URLs are allowed"
                 if parts.scheme
                 else "Invalid image URL: it must start with http:// or https://"
             )
@@ -135,13 +232,16 @@ class _Hop:
                 raise ImageInputError("Invalid image URL: it has no host")
         if port is None:
             port = 443 if scheme == "https" else 80
-        addresses = resolve_host(host, port)
+        try:
+            addresses = resolve_host(host, port, timeout=deadline.left())
+        except TimeoutError:
+            raise deadline.error() from None
         if not policy.allow_private_urls:
             for address in addresses:
                 if is_forbidden_address(address):
                     raise ImageInputError(
                         "Image URL host resolves to a private, loopback, link-local or reserved "
-                        f"address, which is not allowed: {host}"
+                        f"address, which is not allowed: {clip_for_message(host)}"
                     )
         self.url = url
         self.scheme = scheme
@@ -159,17 +259,51 @@ class _Hop:
             self.pinned_urls.append(urlunsplit((scheme, f"{literal}:{port}", path, parts.query, "")))
 
 
-def _session(hop: _Hop):
+def _watched_pools(deadline: _Deadline) -> dict:
+    """urllib3 pool classes whose connections register their socket with ``deadline`` as soon as
+    the TCP connection is made (before TLS, so a dripping handshake is cut off too).
+
+    ``_new_conn`` is urllib3's one place where a connection's socket is created (1.x and 2.x);
+    there is no public hook at that point. tests/test_image_utils_url_deadline.py fails if it
+    stops being called.
+    """
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class _WatchedHTTPConnection(HTTPConnection):
+        def _new_conn(self):
+            sock = super()._new_conn()
+            deadline.watch(sock)
+            return sock
+
+    class _WatchedHTTPSConnection(HTTPSConnection):
+        def _new_conn(self):
+            sock = super()._new_conn()
+            deadline.watch(sock)
+            return sock
+
+    class _WatchedHTTPPool(HTTPConnectionPool):
+        ConnectionCls = _WatchedHTTPConnection
+
+    class _WatchedHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = _WatchedHTTPSConnection
+
+    return {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+def _session(hop: _Hop, deadline: _Deadline):
     import requests
     from requests.adapters import HTTPAdapter
 
     class _PinnedAdapter(HTTPAdapter):
-        """Sends to the pinned IP but does TLS (SNI + certificate check) for the original name."""
+        """Sends to the pinned IP but does TLS (SNI + certificate check) for the original name;
+        every connection's socket is watched by the fetch's deadline."""
 
         def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
             if hop.scheme == "https":
                 pool_kwargs["server_hostname"] = hop.host
             super().init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+            self.poolmanager.pool_classes_by_scheme = _watched_pools(deadline)
 
     session = requests.Session()
     session.trust_env = False  # no environment proxies / .netrc: they would bypass the pinning
@@ -179,24 +313,24 @@ def _session(hop: _Hop):
     return session
 
 
-def _time_left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise ImageInputError("Timed out fetching the image URL")
-    return left
-
-
 def fetch_url(url: str, policy: ImagePolicy) -> bytes:
     """Download ``url`` following the rules in the module docstring; return the body bytes."""
     url = url.strip()
     if not url:
         raise ImageInputError("No image data provided")
-    limit = policy.max_download_bytes
-    deadline = time.monotonic() + policy.url_total_timeout
+    reject_lone_surrogates(url, "Image URL")
+    deadline = _Deadline(policy.url_total_timeout)
+    try:
+        return _fetch(url, policy, deadline)
+    finally:
+        deadline.close()
+
+
+def _fetch(url: str, policy: ImagePolicy, deadline: _Deadline) -> bytes:
     redirects = 0
     while True:
-        hop = _Hop(url, policy)
-        session = _session(hop)
+        hop = _Hop(url, policy, deadline)
+        session = _session(hop, deadline)
         try:
             response = _send(session, hop, policy, deadline)
             with response:
@@ -214,19 +348,20 @@ def fetch_url(url: str, policy: ImagePolicy) -> bytes:
                     continue
                 if not 200 <= status < 300:
                     raise ImageInputError(f"Image URL answered HTTP {status}; expected a 2xx status")
-                return _read_body(response, limit, deadline)
+                return _read_body(response, policy.max_download_bytes, deadline)
         finally:
             session.close()
 
 
-def _send(session, hop: _Hop, policy: ImagePolicy, deadline: float):
+def _send(session, hop: _Hop, policy: ImagePolicy, deadline: _Deadline):
     import requests
 
     headers = {"Host": hop.host_header, "User-Agent": _USER_AGENT, "Accept": "*/*"}
     last = len(hop.pinned_urls) - 1
+    host = clip_for_message(hop.host)
     for index, pinned_url in enumerate(hop.pinned_urls):
-        connect_timeout = min(policy.url_connect_timeout, _time_left(deadline))
-        read_timeout = min(policy.url_read_timeout, _time_left(deadline))
+        connect_timeout = min(policy.url_connect_timeout, deadline.left())
+        read_timeout = min(policy.url_read_timeout, deadline.left())
         try:
             return session.get(
                 pinned_url,
@@ -236,22 +371,25 @@ def _send(session, hop: _Hop, policy: ImagePolicy, deadline: float):
                 timeout=(connect_timeout, read_timeout),
                 verify=_VERIFY,
             )
-        except requests.exceptions.SSLError:
-            raise ImageInputError(f"TLS error while fetching the image URL: {hop.host}") from None
-        except requests.exceptions.ConnectTimeout:
-            if index == last:
-                raise ImageInputError("Timed out connecting to the image URL host") from None
-        except requests.exceptions.Timeout:
-            raise ImageInputError("Timed out fetching the image URL") from None
-        except requests.exceptions.ConnectionError:
-            if index == last:
-                raise ImageInputError(f"Could not connect to the image URL host: {hop.host}") from None
-        except requests.exceptions.RequestException:
-            raise ImageInputError(f"Could not fetch the image URL from {hop.host}") from None
+        except (requests.exceptions.RequestException, UnicodeError, ValueError) as exc:
+            if deadline.expired:  # the deadline shut the socket down: that is the real cause
+                raise deadline.error() from None
+            if isinstance(exc, requests.exceptions.SSLError):
+                raise ImageInputError(f"TLS error while fetching the image URL: {host}") from None
+            if isinstance(exc, requests.exceptions.ConnectTimeout):
+                if index == last:
+                    raise ImageInputError("Timed out connecting to the image URL host") from None
+            elif isinstance(exc, requests.exceptions.Timeout):
+                raise ImageInputError("Timed out fetching the image URL") from None
+            elif isinstance(exc, requests.exceptions.ConnectionError):
+                if index == last:
+                    raise ImageInputError(f"Could not connect to the image URL host: {host}") from None
+            else:
+                raise ImageInputError(f"Could not fetch the image URL from {host}") from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _read_body(response, limit: int, deadline: float) -> bytes:
+def _read_body(response, limit: int, deadline: _Deadline) -> bytes:
     import requests
 
     declared = response.headers.get("Content-Length")
@@ -261,20 +399,23 @@ def _read_body(response, limit: int, deadline: float) -> bytes:
     def chunks():
         for chunk in response.iter_content(chunk_size=_CHUNK):
             yield chunk
-            _time_left(deadline)
+            deadline.left()
 
     try:
         data = read_capped(chunks(), limit, "Image download")
     except ImageInputError:
         raise
-    except requests.exceptions.Timeout:
-        raise ImageInputError("Timed out reading the image URL") from None
     except (requests.exceptions.RequestException, OSError) as exc:
+        if deadline.expired:
+            raise deadline.error() from None
         # requests reports a read timeout inside iter_content as a ConnectionError wrapping
         # urllib3's ReadTimeoutError.
-        if _is_timeout(exc):
+        if isinstance(exc, requests.exceptions.Timeout) or _is_timeout(exc):
             raise ImageInputError("Timed out reading the image URL") from None
         raise ImageInputError("Connection error while reading the image URL") from None
+    # A body without a length ends when the connection closes, which is also what the deadline's
+    # shutdown looks like: the data may be cut short.
+    deadline.left()
     if not data:
         raise ImageInputError("Image URL returned an empty body")
     return data

@@ -167,7 +167,8 @@ def test_public_api_names():
     assert policy.max_image_pixels == 60_000_000
     assert policy.max_download_bytes == 50 * 1024 * 1024
     assert (policy.url_connect_timeout, policy.url_read_timeout, policy.max_redirects) == (5, 20, 3)
-    assert (policy.pdf_dpi, policy.pdf_max_pages, policy.max_model_pixels) == (200, 500, 11_289_600)
+    assert (policy.pdf_dpi, policy.max_pdf_pages, policy.max_model_pixels) == (200, 2000, 11_289_600)
+    assert (policy.url_total_timeout, policy.pdf_render_timeout) == (120, 30)
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,7 +474,8 @@ def test_pdf_page_selection_and_dpi(tmp_path):
     expect_error(400, "Page 4 out of range: the PDF has 3 pages", load_document, str(path), "path", policy, page=4)
     for bad_dpi in (35, 601, 0, float("nan"), True, "200"):
         expect_error(400, "dpi", load_document, str(path), "path", policy, dpi=bad_dpi)
-    expect_error(400, "more than the limit of 2", load_document, str(path), "path", ImagePolicy(pdf_max_pages=2))
+    expect_error(413, "PDF has 3 pages, more than the limit of 2 pages", load_document, str(path), "path",
+                 ImagePolicy(max_pdf_pages=2))
 
 
 def test_pdf_rotated_page():
