@@ -1,8 +1,11 @@
-"""Command-line client for dots-ocr-server: sends images and PDF pages to ``POST /ocr`` and writes
-per-page results (``response.json``, ``layout.json``, ``page.md``, ``page.png``) plus a summary.
+"""Command-line client for dots-ocr-server: sends images and PDF pages (rendered locally, one
+image per page) to ``POST /ocr``, several pages in flight, and writes per-page results
+(``response.json``, ``layout.json``, ``page.md``, ``page.png``) plus a summary.
 
 Run it as ``python scripts/ocr_client.py INPUT...`` or ``dots-ocr-client INPUT...``; see
-``ocr_client.cli.main`` and docs/CLIENT.md.
+docs/CLIENT.md. Modules: ``inputs`` (files, folders, PDF pages -> uploads), ``http_client``
+(``/health``, ``/ocr``, 429 retries), ``outputs`` (per-page files, resume marker, summary),
+``batch`` (the pages in flight), ``cli`` (the command line).
 """
 from .cli import main
 

@@ -1,0 +1,158 @@
+"""Outputs: per-page files (``OUT/<input>/page_NNNN/``), the done marker that makes a run
+resumable, and the run's summary (``OUT/summary.json`` and the printed one).
+
+- ``layout.json``   the layout cells (bbox in page pixels), layout prompt types only
+- ``page.md``       the server's Markdown (layout prompt types) or the raw answer text
+- ``page.png``      the page with the layout drawn on it (the plain page for other prompt types)
+- ``response.json`` the server's JSON, written last and atomically: it marks the page as done
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from model_runner.prompts import LAYOUT_PROMPT_TYPES
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = [
+    "MARKER_NAME", "SUMMARY_NAME", "PageRecord", "build_summary", "is_done", "page_dir",
+    "print_summary", "write_page_outputs", "write_summary",
+]
+
+MARKER_NAME = "response.json"
+SUMMARY_NAME = "summary.json"
+
+
+def page_dir(out: Path, name: str, page: int) -> Path:
+    return out / name / f"page_{page:04d}"
+
+
+def is_done(directory: Path) -> bool:
+    """A page is done once its response.json exists (it is written last)."""
+    return (directory / MARKER_NAME).exists()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, flush it to disk, rename it over."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _save_png_atomic(path: Path, image: "Image.Image") -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+
+
+def write_page_outputs(directory: Path, result: dict[str, Any], prompt_type: str, image: "Image.Image") -> None:
+    """layout.json, page.md, page.png (``image`` with the layout drawn on it), then response.json
+    (last, atomically: the done marker)."""
+    from layout import draw_layout
+
+    directory.mkdir(parents=True, exist_ok=True)
+    text = result.get("response") if isinstance(result.get("response"), str) else ""
+    cells: list = []
+    if prompt_type in LAYOUT_PROMPT_TYPES:
+        cells = result.get("layout") if isinstance(result.get("layout"), list) else []
+        _write_atomic(directory / "layout.json", _json_bytes(cells))
+        markdown = result.get("markdown") if isinstance(result.get("markdown"), str) else text
+    else:
+        (directory / "layout.json").unlink(missing_ok=True)  # stale, from a forced rerun
+        markdown = text
+    _write_atomic(directory / "page.md", markdown.encode("utf-8") if markdown.endswith("\n")
+                  else (markdown + "\n").encode("utf-8"))
+    _save_png_atomic(directory / "page.png", draw_layout(image, cells) if cells else image)
+    _write_atomic(directory / MARKER_NAME, _json_bytes(result))
+
+
+@dataclass
+class PageRecord:
+    input: str
+    page: Optional[int]
+    status: str                  # "ok" | "failed" | "skipped"
+    dir: Optional[str] = None
+    seconds: Optional[float] = None
+    repaired: Optional[bool] = None
+    error: Optional[str] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def build_summary(records: list[PageRecord], *, server: str, prompt_type: str, out: Path, concurrency: Optional[int],
+                  started: float, started_at: str, retries: int, fatal: Optional[str]) -> dict[str, Any]:
+    """The run's summary; ``started`` is a ``time.monotonic()`` reading, ``fatal`` why it stopped
+    early (None when it ran to the end)."""
+    ok = [r for r in records if r.status == "ok"]
+    work = sum(r.seconds or 0.0 for r in ok)
+    elapsed = time.monotonic() - started
+    summary: dict[str, Any] = {
+        "server": server,
+        "prompt_type": prompt_type,
+        "out": str(out),
+        "started_at": started_at,
+        "finished": fatal is None,
+        "concurrency": concurrency,
+        "pages": len(records),
+        "ok": len(ok),
+        "failed": sum(r.status == "failed" for r in records),
+        "skipped": sum(r.status == "skipped" for r in records),
+        "repaired": sum(bool(r.repaired) for r in ok),
+        "busy_retries": retries,
+        "seconds_total": round(elapsed, 3),
+        "seconds_per_page": round(work / len(ok), 3) if ok else None,
+        "pages_per_second": round(len(ok) / elapsed, 3) if ok and elapsed > 0 else None,
+        "failures": [{"input": r.input, "page": r.page, "error": r.error} for r in records if r.status == "failed"],
+        "page_results": [r.as_dict() for r in records],
+    }
+    if fatal:
+        summary["error"] = fatal
+    return summary
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / SUMMARY_NAME, _json_bytes(summary))
+    return out / SUMMARY_NAME
+
+
+def print_summary(summary: dict[str, Any], out: Path, stream) -> None:
+    per_page = summary["seconds_per_page"]
+    rate = f", {per_page:.2f} s/page" if per_page is not None else ""
+    if summary["pages_per_second"] is not None and (summary["concurrency"] or 1) > 1:
+        rate += f", {summary['pages_per_second']:.2f} pages/s with {summary['concurrency']} in flight"
+    print(f"pages: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} skipped, "
+          f"{summary['repaired']} repaired (of {summary['pages']}) in {summary['seconds_total']:.1f} s{rate}",
+          file=stream)
+    for failure in summary["failures"]:
+        where = failure["input"] + (f" page {failure['page']}" if failure["page"] is not None else "")
+        error = failure["error"] or ""
+        print(f"  FAILED {where}: {error.removeprefix(failure['input'] + ': ')}", file=stream)
+    print(f"results in {out} (summary: {out / SUMMARY_NAME})", file=stream)
