@@ -1,12 +1,19 @@
-"""ModelRunner: load a dots.ocr checkpoint on a device and turn (image, prompt type) into text.
+"""ModelRunner: load a dots.ocr checkpoint on a device and turn (image, prompt) into text.
 
-``stream()`` is the one decoding path: ``generate`` runs on a background thread and feeds a
-``TextIteratorStreamer``; the generator yields text pieces as they are decoded. ``generate()`` (the
-non-streaming call) is a loop over ``stream()``, so the two can never drift apart.
+``stream_pieces()`` is the one decoding path. The caller's thread prepares the request (resize,
+processor); the runner's ``BatchEngine`` (model_runner.batching) runs the vision tower, the
+prefill and every decode step on its loop thread, for up to ``max_batch_size`` requests at once
+(1 by default: one at a time, as before). Each token comes back to the caller's thread, which
+turns it into a ``Piece`` (text + token records with optional logprobs). ``stream()`` is a loop
+over it yielding the non-empty texts; ``generate()`` (the non-streaming call) joins them, so the
+three never drift apart. A caller never sees whether its request was batched with others.
 
 Stopping: eos (either of the checkpoint's two eos ids), ``max_new_tokens``, the repetition guard,
 or cancellation (the caller closed the generator, or ``should_stop()`` said so). Whichever ended
-the run is reported in ``GenerationStats.finish_reason``.
+the run is reported in ``GenerationStats.finish_reason``; a failed run says ``"error"``.
+
+Per-request decoding options (``seed``, ``logprobs``, the three penalties) are described in
+model_runner.decoding; they work the same on the plain, batched and fast paths.
 """
 from __future__ import annotations
 
@@ -20,39 +27,52 @@ from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria
 
+from .batching import END, BatchEngine, BatchFullError, DynamicBatch, EngineRequest
+from .decoding import DecodingOptions, GenerationInputError, Piece, PieceAssembler, TokenChooser, TokenRecord
 from .prompts import GROUNDING_PROMPT_TYPE, PROMPT_TYPES, prompt_text
 
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("eos", "length", "repetition", "cancelled", "error")
 
-
-class GenerationInputError(ValueError):
-    """A request the model cannot run (bad prompt type, bad bbox, impossible geometry).
-    The message is meant for the client."""
+__all__ = ["ModelRunner", "GenerationStats", "GenerationResult", "GenerationInputError", "BatchFullError",
+           "Piece", "TokenRecord", "RepetitionGuard", "FINISH_REASONS"]
 
 
 @dataclass
 class GenerationStats:
-    """Filled in by ``ModelRunner.stream`` as it runs; read it after the stream ends."""
+    """Filled in by ``ModelRunner.stream_pieces`` as it runs; read it after the stream ends.
+    Durations in seconds (``time.perf_counter``)."""
 
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    new_tokens: int = 0
+    finish_reason: str | None = None  # one of FINISH_REASONS
+    prompt_tokens: int = 0  # prompt length, image tokens included
+    new_tokens: int = 0  # tokens generated (an eos that ended the answer counts)
     original_size: tuple[int, int] | None = None  # (width, height) of the image given
     model_size: tuple[int, int] | None = None  # (width, height) the model saw
-    prepare_s: float = 0.0  # resize + processor + copy to device
-    first_piece_s: float | None = None  # from the start of generation to the first text piece
-    generate_s: float = 0.0  # from the start of generation to its end
-    timings: dict[str, float] = field(default_factory=dict)
+    seed: int | None = None  # the seed this request sampled with (its own, or drawn for it)
+    prepare_s: float = 0.0  # resize + processor + copy to device (caller's thread)
+    queue_s: float = 0.0  # waiting for the loop to take the request in (other pages' prefill)
+    vision_s: float = 0.0  # vision tower
+    prefill_s: float = 0.0  # LLM prefill over the prompt
+    decode_s: float = 0.0  # from the first new token to the last
+    ttft_s: float | None = None  # from the call to the first token handed to the caller
+    first_piece_s: float | None = None  # from the start of generation to the first non-empty text
+    generate_s: float = 0.0  # from the start of generation (after prepare) to its end
+    timings: dict[str, float] = field(default_factory=dict)  # the durations above by name
+
+    @property
+    def prompt_eval_s(self) -> float:
+        """Vision tower + prefill (Ollama's prompt_eval_duration)."""
+        return self.vision_s + self.prefill_s
 
 
 @dataclass
 class GenerationResult:
     text: str
     stats: GenerationStats
+    tokens: list[TokenRecord] = field(default_factory=list)
 
     @property
     def finish_reason(self) -> str | None:
@@ -62,27 +82,6 @@ class GenerationResult:
 # ---------------------------------------------------------------------------------------------
 # Stopping criteria (each returns a bool tensor [batch], as transformers expects)
 # ---------------------------------------------------------------------------------------------
-
-
-class CancelCriterion(StoppingCriteria):
-    """Stops generation at the next decoding step once ``cancel()`` was called or
-    ``should_stop()`` returns true (e.g. the HTTP client went away)."""
-
-    def __init__(self, should_stop: Callable[[], bool] | None = None):
-        self._event = threading.Event()
-        self._should_stop = should_stop
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        if not self._event.is_set() and self._should_stop is not None and self._should_stop():
-            self._event.set()
-        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class RepetitionGuard(StoppingCriteria):
@@ -123,27 +122,6 @@ class RepetitionGuard(StoppingCriteria):
         """Record (once, after generation) whether the guard fired."""
         if self._runs is not None:
             self.triggered = bool((self._runs >= self._needed).any())
-
-
-class _GenerationThread(threading.Thread):
-    """Runs the generate callable (``model.generate``, or the fast path's ``StaticDecoder.generate``,
-    which takes the same arguments) and keeps its result or exception for the consumer."""
-
-    def __init__(self, generate: Callable[..., Any], kwargs: dict[str, Any], streamer: TextIteratorStreamer):
-        super().__init__(name="dots-ocr-generate", daemon=True)
-        self._generate = generate
-        self._kwargs = kwargs
-        self._streamer = streamer
-        self.output: torch.Tensor | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            with torch.inference_mode():
-                self.output = self._generate(**self._kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            self.error = exc
-            self._streamer.end()  # wake the consumer; it re-raises `error`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,20 +187,29 @@ def resolve_attention(attn: str, device: torch.device) -> tuple[str, str]:
 
 class ModelRunner:
     """Owns the model and processor of one checkpoint folder. Construction is cheap; ``load()``
-    does the heavy work (the server calls it on a background thread)."""
+    does the heavy work (the server calls it on a background thread). ``from_model`` wraps a
+    model and processor loaded elsewhere.
+
+    ``max_batch_size``: how many generations may run at once (continuous batching, see
+    model_runner.batching). A stream started beyond it raises ``BatchFullError``; ``running`` is
+    the number in flight.
+    """
 
     def __init__(self, model_path: str | Path, *, device: str = "auto", dtype: str | torch.dtype = "auto",
                  attn_implementation: str = "auto", repetition_window: int = 512,
                  repetition_max_period: int = 128, poll_interval_s: float = 0.5, compile: bool | None = None,
-                 max_new_tokens_limit: int = 24000):
+                 max_new_tokens_limit: int = 24000, max_batch_size: int = 1,
+                 fast_path_options: dict[str, Any] | None = None):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
         self.model_path = Path(model_path)
         self.device_name = device
         self.dtype_name = dtype
         self.attn_name = attn_implementation
         self.repetition_window = repetition_window
         self.repetition_max_period = repetition_max_period
-        # The streamer's timeout: how often the consumer wakes up to check that the generation
-        # thread is still alive while it waits for the next piece (never waits forever).
+        # How often a caller waiting for its next token wakes up to check that the decoding loop
+        # is still alive (never waits forever).
         self.poll_interval_s = poll_interval_s
         self.model = None
         self.processor = None
@@ -231,20 +218,45 @@ class ModelRunner:
         self.attn_implementation: tuple[str, str] | None = None
         self.load_seconds: float | None = None
         # CUDA fast path (model_runner.fast_decode): None = on for CUDA, off on CPU; True on CPU is
-        # allowed (dynamo capture with a CPU-safe backend; for tests). The static cache is sized for
-        # the largest page prompt plus ``max_new_tokens_limit`` new tokens.
+        # allowed (dynamo capture with a CPU-safe backend; for tests). The static cache holds
+        # ``max_batch_size`` slots, each sized for the largest page prompt plus
+        # ``max_new_tokens_limit`` new tokens. ``fast_path_options`` go to ``StaticDecoder``.
         self.compile = compile
         self.max_new_tokens_limit = max_new_tokens_limit
-        self.decoder = None  # StaticDecoder when the fast path is on
+        self.max_batch_size = int(max_batch_size)
+        self.fast_path_options = dict(fast_path_options or {})
+        self.decoder = None  # the fast path's StaticDecoder (or another backend), None: plain path
         self.fast_path = False
+        self._engine: BatchEngine | None = None
+        self._plain: DynamicBatch | None = None
+        self._engine_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config) -> "ModelRunner":
-        """Build from the server's config object (attributes of the same names)."""
-        return cls(config.model_path, device=config.device, dtype=config.dtype,
-                   attn_implementation=config.attn_implementation,
-                   repetition_window=config.repetition_window, compile=getattr(config, "compile", None),
-                   max_new_tokens_limit=getattr(config, "max_new_tokens_limit", 24000))
+    def from_config(cls, config, **overrides) -> "ModelRunner":
+        """Build from the server's config object (attributes of the ctor's names)."""
+        options = dict(device=config.device, dtype=config.dtype, attn_implementation=config.attn_implementation,
+                       repetition_window=config.repetition_window, compile=getattr(config, "compile", None),
+                       max_new_tokens_limit=getattr(config, "max_new_tokens_limit", 24000),
+                       max_batch_size=getattr(config, "max_batch_size", 1))
+        options.update(overrides)
+        return cls(config.model_path, **options)
+
+    @classmethod
+    def from_model(cls, model, processor, *, model_path: str | Path | None = None, decoder=None,
+                   **options) -> "ModelRunner":
+        """A loaded runner around a model and processor loaded elsewhere (benchmarks, tests,
+        notebooks). Device and dtype are the model's; ``options`` are the ctor's. The fast path
+        is built as ``load()`` would (``compile``), unless ``decoder`` gives a decoding backend
+        to use instead (a ``StaticDecoder``, or any object with its backend methods)."""
+        start = time.perf_counter()
+        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        runner = cls(model_path or getattr(model, "name_or_path", "") or ".", device=str(device), dtype=dtype,
+                     **options)
+        vision = getattr(model.vision_tower, "attn_implementation", None)
+        runner.attn_implementation = (model.config._attn_implementation, vision)
+        runner._install(model, processor, device, dtype, decoder)
+        runner.load_seconds = time.perf_counter() - start
+        return runner
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -266,51 +278,83 @@ class ModelRunner:
         model = DotsOCRForCausalLM.from_pretrained(self.model_path, dtype=dtype, device=device,
                                                    attn_implementation=llm_attn,
                                                    vision_attn_implementation=vision_attn)
+        self.attn_implementation = (llm_attn, vision_attn)
+        self._install(model, processor, device, dtype)
+        self.load_seconds = time.perf_counter() - start
+        log.info("loaded %s on %s (%s, attention llm=%s vision=%s, fast path %s, max batch %d) in %.1f s",
+                 self.model_path, device, str(dtype).removeprefix("torch."), llm_attn, vision_attn,
+                 "on" if self.fast_path else "off", self.max_batch_size, self.load_seconds)
+        return self
+
+    def _install(self, model, processor, device: torch.device, dtype: torch.dtype, decoder=None) -> None:
         # Every request sets max_new_tokens; the checkpoint's max_length (32768) would only make
         # generate warn on each call that both are set.
         model.generation_config.max_length = None
-        self.device, self.dtype, self.attn_implementation = device, dtype, (llm_attn, vision_attn)
+        self.device, self.dtype = device, dtype
         # the fast path is built and warmed up before `loaded` turns true (/health: model_loaded)
-        self.decoder = self.build_fast_path(model, processor, device)
+        self.decoder = decoder if decoder is not None else self.build_fast_path(model, processor, device)
         self.fast_path = self.decoder is not None
         self.processor, self.model = processor, model
-        self.load_seconds = time.perf_counter() - start
-        log.info("loaded %s on %s (%s, attention llm=%s vision=%s, fast path %s) in %.1f s", self.model_path,
-                 device, str(dtype).removeprefix("torch."), llm_attn, vision_attn,
-                 "on" if self.fast_path else "off", self.load_seconds)
-        return self
 
     def build_fast_path(self, model, processor, device: torch.device, enabled: bool | None = None,
                         **decoder_options):
-        """The warmed-up ``StaticDecoder`` when the fast path is on (``enabled``, default: the
-        ``compile`` setting), else None. ``decoder_options`` go to ``StaticDecoder`` (backend, mode)."""
+        """The warmed-up ``StaticDecoder`` (``max_batch_size`` slots) when the fast path is on
+        (``enabled``, default: the ``compile`` setting), else None. ``decoder_options`` (and the
+        ctor's ``fast_path_options``) go to ``StaticDecoder``."""
         if enabled is None:
             enabled = self.compile if self.compile is not None else device.type == "cuda"
         if not enabled:
             return None
         from .fast_decode import StaticDecoder, default_max_cache_len
 
+        options = {**self.fast_path_options, **decoder_options}
         image = processor.image_processor
-        cache_len = default_max_cache_len(int(image.size["longest_edge"]), int(image.patch_size),
-                                          int(image.merge_size), self.max_new_tokens_limit)
+        cache_len = options.pop("max_cache_len", None) or default_max_cache_len(
+            int(image.size["longest_edge"]), int(image.patch_size), int(image.merge_size), self.max_new_tokens_limit)
         # a small page compiles and records the decode step; on CUDA a letter page at 200 dpi
         # (158 x 122 patches) also warms the prefill kernels and the allocator for real pages
         grids = ((4, 4), (158, 122)) if device.type == "cuda" else ((4, 4),)
         try:
-            decoder = StaticDecoder(model, cache_len, compile=True, **decoder_options)
+            decoder = StaticDecoder(model, cache_len, slots=self.max_batch_size, **options)
             seconds = decoder.warmup(grids)
         except Exception:
             if self.compile:  # asked for explicitly: fail loudly
                 raise
-            log.exception("the fast path failed to build or warm up; serving with plain generate")
+            log.exception("the fast path failed to build or warm up; serving with the plain path")
             return None
-        log.info("fast path: static cache %d tokens, decode step compiled (%s%s) and warmed up in %.1f s",
-                 decoder.max_cache_len, decoder.backend, f", {decoder.mode}" if decoder.mode else "", seconds)
+        log.info("fast path: static cache of %d slots x %d tokens, decode step compiled (%s%s) for batch sizes %s "
+                 "and warmed up in %.1f s", decoder.slots, decoder.max_cache_len, decoder.backend,
+                 f", {decoder.mode}" if decoder.mode else "", list(decoder.batch_buckets), seconds)
         return decoder
 
     def _require_loaded(self) -> None:
         if not self.loaded:
             raise RuntimeError("Model not loaded")
+
+    # -- the engine ----------------------------------------------------------------------------
+
+    def _engine_now(self) -> BatchEngine:
+        """The engine on the current backend (the fast path's decoder, else the plain one)."""
+        with self._engine_lock:
+            if self.decoder is not None:
+                backend = self.decoder
+            else:
+                if self._plain is None or self._plain.model is not self.model:
+                    self._plain = DynamicBatch(self.model)
+                backend = self._plain
+            engine = self._engine
+            if engine is None or engine.backend is not backend or engine.max_batch_size != self.max_batch_size:
+                if engine is not None and engine.running:
+                    raise RuntimeError("the decoding backend cannot change while generations run")
+                engine = self._engine = BatchEngine(backend, self.max_batch_size,
+                                                    run_loop=getattr(backend, "run_loop", None))
+            return engine
+
+    @property
+    def running(self) -> int:
+        """Generations in flight (preparing, waiting to join, or decoding)."""
+        engine = self._engine
+        return engine.running if engine is not None else 0
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -327,13 +371,18 @@ class ModelRunner:
         min_pixels, max_pixels = self.pixel_limits
         return smart_resize_dims(width, height, min_pixels=min_pixels, max_pixels=max_pixels)
 
-    def prepare(self, image: Image.Image, prompt_type: str, bbox=None, stats: GenerationStats | None = None):
+    def prepare(self, image: Image.Image, prompt_type: str | None, bbox=None, stats: GenerationStats | None = None,
+                *, messages: list[dict] | None = None):
         """Resize the image to the model's input size, build the prompt, tokenize, and move the
-        tensors to the device. Returns the processor's ``BatchFeature``."""
+        tensors to the device. Returns the processor's ``BatchFeature``.
+
+        The prompt is ``prompt_type``'s trained prompt, or, with ``messages`` (chat turns, as the
+        OpenAI route receives them), ``processor.render_chat(messages)``; ``prompt_type`` and
+        ``bbox`` are then not used."""
         from image_utils import ImageInputError, resize_for_model, to_model_coords
 
         self._require_loaded()
-        if prompt_type not in PROMPT_TYPES:
+        if messages is None and prompt_type not in PROMPT_TYPES:
             raise GenerationInputError(f"Invalid prompt_type. Must be one of: {list(PROMPT_TYPES)}")
         image = image.convert("RGB") if image.mode != "RGB" else image
         original = image.size
@@ -343,13 +392,19 @@ class ModelRunner:
             resized = resize_for_model(image, min_pixels=min_pixels, max_pixels=max_pixels)
         except ImageInputError as exc:
             raise GenerationInputError(exc.message) from exc
-        model_bbox = None
-        if prompt_type == GROUNDING_PROMPT_TYPE:
-            if bbox is None:
-                raise GenerationInputError("bbox is required for prompt_grounding_ocr")
-            model_bbox = to_model_coords(bbox, original, model_size)
-        text = self.processor.render_prompt(prompt_text(prompt_type, model_bbox))
-        inputs = self.processor(text=text, images=[resized]).to(self.device)
+        if messages is not None:
+            text = self.processor.render_chat(messages)
+        else:
+            model_bbox = None
+            if prompt_type == GROUNDING_PROMPT_TYPE:
+                if bbox is None:
+                    raise GenerationInputError("bbox is required for prompt_grounding_ocr")
+                model_bbox = to_model_coords(bbox, original, model_size)
+            text = self.processor.render_prompt(prompt_text(prompt_type, model_bbox))
+        try:
+            inputs = self.processor(text=text, images=[resized]).to(self.device)
+        except ValueError as exc:  # e.g. a chat with no image placeholder, or several
+            raise GenerationInputError(str(exc)) from exc
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         if stats is not None:
@@ -359,106 +414,125 @@ class ModelRunner:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _sampling_kwargs(self, temperature: float, top_p: float) -> dict[str, Any]:
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise GenerationInputError("temperature must be >= 0 and top_p in (0, 1]")
-        if temperature == 0:  # greedy, deterministic
-            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        # top_k=0: no top-k cut, only temperature and nucleus sampling, as the API describes.
-        return {"do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
-
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         return set(eos if isinstance(eos, (list, tuple)) else [eos])
 
-    def stream(self, image: Image.Image, prompt_type: str, *, bbox=None, temperature: float = 0.1,
-               top_p: float = 1.0, max_new_tokens: int = 12000, stats: GenerationStats | None = None,
-               should_stop: Callable[[], bool] | None = None) -> Iterator[str]:
-        """Yield the model's answer as text pieces while it is generated.
+    def stream_pieces(self, image: Image.Image, prompt_type: str | None, *, bbox=None, temperature: float = 0.1,
+                      top_p: float = 1.0, max_new_tokens: int = 12000, stats: GenerationStats | None = None,
+                      should_stop: Callable[[], bool] | None = None, messages: list[dict] | None = None,
+                      seed: int | None = None, logprobs: int | None = None, repetition_penalty: float = 1.0,
+                      frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                      ignore_eos: bool = False) -> Iterator[Piece]:
+        """Yield the answer token by token: one ``Piece`` per generated token (``.text`` may be
+        empty while the streamer holds back an incomplete word), then one last piece with the
+        held-back text, if any.
 
         Closing the generator (or ``should_stop()`` returning true) stops generation within one
-        decoding step; the generation thread has finished when the generator has closed. An
-        exception inside generation is re-raised here.
+        decoding step; the request has left the decoding loop when the generator has closed. An
+        exception inside generation is re-raised here. ``ignore_eos``: eos does not end the
+        answer (fixed-length benchmarks). Raises ``BatchFullError`` when ``max_batch_size``
+        generations are already running.
         """
+        started = time.perf_counter()
         stats = stats if stats is not None else GenerationStats()
         if max_new_tokens < 1:
             raise GenerationInputError("max_new_tokens must be at least 1")
-        sampling = self._sampling_kwargs(temperature, top_p)
-        t0 = time.perf_counter()
-        inputs = self.prepare(image, prompt_type, bbox, stats)
-        stats.prepare_s = time.perf_counter() - t0
-
-        cancel = CancelCriterion(should_stop)
-        criteria = [cancel]
-        guard = None
-        if self.repetition_window > 0:
-            guard = RepetitionGuard(self.repetition_window, self.repetition_max_period)
-            criteria.append(guard)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True,
-                                        skip_special_tokens=True, timeout=self.poll_interval_s)
-        eos_ids = self._eos_ids()
-        kwargs = dict(**inputs, max_new_tokens=max_new_tokens, streamer=streamer,
-                      stopping_criteria=StoppingCriteriaList(criteria),
-                      pad_token_id=min(eos_ids), **sampling)
-        generate = self.decoder.generate if self.decoder is not None else self.model.generate
-        worker = _GenerationThread(generate, kwargs, streamer)
-        t_gen = time.perf_counter()
-        worker.start()
+        options = DecodingOptions(temperature=temperature, top_p=top_p, seed=seed, logprobs=logprobs,
+                                  repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                                  presence_penalty=presence_penalty).validate()
+        self._require_loaded()
+        engine = self._engine_now()
+        engine.reserve()
+        request = None
+        t_gen = started
         try:
-            for piece in self._pieces(streamer, worker):
-                if stats.first_piece_s is None:
+            inputs = self.prepare(image, prompt_type, bbox, stats, messages=messages)
+            stats.prepare_s = time.perf_counter() - started
+            request = self._request(inputs, options, max_new_tokens, should_stop, ignore_eos)
+            stats.seed = request.chooser.seed
+            assembler = PieceAssembler(self.processor.tokenizer)
+            t_gen = time.perf_counter()
+            engine.submit(request)
+            for piece in self._pieces(engine, request, assembler, logprobs):
+                if stats.ttft_s is None:
+                    stats.ttft_s = time.perf_counter() - started
+                if piece.text and stats.first_piece_s is None:
                     stats.first_piece_s = time.perf_counter() - t_gen
                 yield piece
-            worker.join()
-            if worker.error is not None:
-                raise worker.error
+            if request.error is not None:
+                raise request.error
+            tail = assembler.end()
+            if tail:
+                yield Piece(tail)
         finally:
-            # Reached on normal end, on error, and on close() (GeneratorExit at the yield):
-            # stop the thread at its next step and wait for it, so no generation outlives us.
-            cancel.cancel()
-            worker.join()
-            stats.generate_s = time.perf_counter() - t_gen
-            if guard is not None:
-                guard.finalize()
-            self._finish(stats, worker, cancel, guard, eos_ids, max_new_tokens)
+            # Reached on normal end, on error, and on close() (GeneratorExit at the yield): stop
+            # the request at its next step and wait until it has left the loop.
+            if request is not None:
+                request.cancel()
+                engine.wait(request, self.poll_interval_s)
+                self._finish(stats, request, t_gen)
+            engine.release()
 
-    @staticmethod
-    def _pieces(streamer: TextIteratorStreamer, worker: _GenerationThread) -> Iterator[str]:
-        """Non-empty text pieces from the streamer until it ends; the streamer's timeout is only a
-        chance to notice a generation thread that died without ending the stream."""
+    def stream(self, image: Image.Image, prompt_type: str | None, **kwargs) -> Iterator[str]:
+        """The answer as non-empty text pieces while it is generated; the keyword arguments of
+        ``stream_pieces`` (bbox, temperature, top_p, max_new_tokens, stats, should_stop, messages,
+        seed, logprobs, repetition_penalty, frequency_penalty, presence_penalty)."""
+        for piece in self.stream_pieces(image, prompt_type, **kwargs):
+            if piece.text:
+                yield piece.text
+
+    def generate(self, image: Image.Image, prompt_type: str | None, **kwargs) -> GenerationResult:
+        """The whole answer at once: a loop over the same pieces ``stream`` yields, keeping the
+        token records too."""
+        stats = kwargs.pop("stats", None) or GenerationStats()
+        text, tokens = [], []
+        for piece in self.stream_pieces(image, prompt_type, stats=stats, **kwargs):
+            text.append(piece.text)
+            tokens.extend(piece.tokens)
+        return GenerationResult(text="".join(text), stats=stats, tokens=tokens)
+
+    # -- helpers of stream_pieces ----------------------------------------------------------------
+
+    def _request(self, inputs, options: DecodingOptions, max_new_tokens: int, should_stop,
+                 ignore_eos: bool) -> EngineRequest:
+        vocab = int(self.model.lm_head.weight.shape[0])
+        chooser = TokenChooser(options, vocab, self.device, prompt_ids=inputs["input_ids"][0])
+        guard = (RepetitionGuard(self.repetition_window, self.repetition_max_period)
+                 if self.repetition_window > 0 else None)
+        pixel_inputs = {k: inputs[k] for k in ("input_ids", "pixel_values", "image_grid_thw") if k in inputs}
+        return EngineRequest(inputs=pixel_inputs, chooser=chooser, max_new_tokens=int(max_new_tokens),
+                             eos_ids=frozenset() if ignore_eos else frozenset(self._eos_ids()), guard=guard,
+                             should_stop=should_stop, logprobs=options.logprobs)
+
+    def _pieces(self, engine: BatchEngine, request: EngineRequest, assembler: PieceAssembler,
+                logprobs: int | None) -> Iterator[Piece]:
+        """Pieces of the request's tokens until its END; the timeout only checks that the loop
+        is alive (a loop that died without ending the request raises)."""
         while True:
             try:
-                piece = next(streamer)
-            except StopIteration:
-                return
+                event = request.events.get(timeout=self.poll_interval_s)
             except queue.Empty:
-                if worker.is_alive():
+                if engine.worker_alive() or request.done.is_set():
                     continue
-                if worker.error is None and streamer.text_queue.empty():
-                    raise RuntimeError("the generation thread ended without closing its stream")
-                continue
-            if piece:
-                yield piece
+                raise RuntimeError("the generation loop ended without closing its stream") from None
+            if event is END:
+                return
+            token, payload = event
+            yield assembler.add(token, payload, logprobs)
 
-    def _finish(self, stats, worker, cancel, guard, eos_ids, max_new_tokens) -> None:
-        output = worker.output
-        if output is not None:
-            sequences = output if isinstance(output, torch.Tensor) else output.sequences
-            stats.new_tokens = int(sequences.shape[1]) - stats.prompt_tokens
-        if worker.error is not None:
-            stats.finish_reason = "error"
-        elif guard is not None and guard.triggered:
-            stats.finish_reason = "repetition"
-        elif output is not None and stats.new_tokens > 0 and int(sequences[0, -1]) in eos_ids:
-            stats.finish_reason = "eos"
-        elif output is not None and stats.new_tokens >= max_new_tokens:
-            stats.finish_reason = "length"
-        elif cancel.cancelled:
-            stats.finish_reason = "cancelled"
-        stats.timings = {"prepare_s": stats.prepare_s, "generate_s": stats.generate_s}
-
-    def generate(self, image: Image.Image, prompt_type: str, **kwargs) -> GenerationResult:
-        """The whole answer at once: a loop over ``stream``."""
-        stats = kwargs.pop("stats", None) or GenerationStats()
-        text = "".join(self.stream(image, prompt_type, stats=stats, **kwargs))
-        return GenerationResult(text=text, stats=stats)
+    @staticmethod
+    def _finish(stats: GenerationStats, request: EngineRequest, t_gen: float) -> None:
+        t = request.timings
+        end = t.get("end", time.perf_counter())
+        stats.finish_reason = request.finish_reason
+        stats.new_tokens = len(request.generated)
+        stats.queue_s = t.get("queue_s", 0.0)
+        stats.vision_s = t.get("vision_s", 0.0)
+        stats.prefill_s = t.get("prefill_s", 0.0)
+        stats.decode_s = end - t["first_token"] if "first_token" in t else 0.0
+        stats.generate_s = end - t_gen
+        stats.timings = {name: getattr(stats, name) for name in
+                         ("prepare_s", "queue_s", "vision_s", "prefill_s", "decode_s", "generate_s")}
+        if stats.ttft_s is not None:
+            stats.timings["ttft_s"] = stats.ttft_s
