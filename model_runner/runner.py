@@ -462,3 +462,9 @@ class ModelRunner:
         stats = kwargs.pop("stats", None) or GenerationStats()
         text = "".join(self.stream(image, prompt_type, stats=stats, **kwargs))
         return GenerationResult(text=text, stats=stats)
+
+    def trace(self, image: Image.Image, prompt_type: str, **kwargs):
+        """Tokens, logprobs and attention-to-image maps of one answer: ``model_runner.trace.trace``."""
+        from .trace import trace
+
+        return trace(self, image, prompt_type, **kwargs)
