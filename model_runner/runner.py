@@ -536,3 +536,9 @@ class ModelRunner:
                          ("prepare_s", "queue_s", "vision_s", "prefill_s", "decode_s", "generate_s")}
         if stats.ttft_s is not None:
             stats.timings["ttft_s"] = stats.ttft_s
+
+    def trace(self, image: Image.Image, prompt_type: str, **kwargs):
+        """Tokens, logprobs and attention-to-image maps of one answer: ``model_runner.trace.trace``."""
+        from .trace import trace
+
+        return trace(self, image, prompt_type, **kwargs)

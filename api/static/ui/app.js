@@ -1,0 +1,541 @@
+// GET /ui: pick a page, run it with the answer streaming in, look at the layout, read a region,
+// and see where the model looked. Plain ES modules, no build step, no third-party code.
+
+import { ApiError, apiKey, getJson, postJson, postStream } from "./api.js";
+import { renderMarkdown } from "./markdown.js";
+import { PageViewer } from "./viewer.js";
+
+const $ = (id) => document.getElementById(id);
+const LAYOUT_TYPES = new Set(["prompt_layout_all_en", "prompt_layout_only_en", "prompt_grounding_ocr"]);
+
+const state = {
+  config: null,
+  file: null, // { name, base64, kind: "pdf" | "image" }
+  page: 1,
+  pageCount: null,
+  controller: null, // AbortController of the running request
+  run: null, // { body, text, result }: the last full-page answer
+  downloads: [],
+};
+
+const viewer = new PageViewer({
+  stage: $("stage"), image: $("page-image"), boxes: $("boxes"), heatmap: $("heatmap"),
+  selection: $("selection"), tooltip: $("tooltip"),
+});
+
+// -- messages ---------------------------------------------------------------------------------
+
+function showError(error) {
+  const box = $("error");
+  box.textContent = error instanceof Error ? error.message : String(error);
+  box.hidden = false;
+  if (error instanceof ApiError && error.status === 401) askForKey(error.message);
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+function setStatus(text) {
+  $("status").textContent = text;
+}
+
+// -- API key ----------------------------------------------------------------------------------
+
+function askForKey(message = "") {
+  apiKey.clear();
+  $("key-message").textContent = message;
+  $("key-input").value = "";
+  const dialog = $("key-dialog");
+  if (!dialog.open) dialog.showModal();
+}
+
+$("key-dialog").addEventListener("close", () => {
+  const value = $("key-input").value.trim();
+  if (value) {
+    apiKey.set(value);
+    clearError();
+  }
+});
+$("change-key").addEventListener("click", () => askForKey());
+
+// -- server state -----------------------------------------------------------------------------
+
+async function loadConfig() {
+  state.config = await getJson("/ui/config");
+  viewer.setColors(state.config.category_colors);
+  $("max-tokens").max = String(state.config.max_new_tokens_limit);
+  if (Number($("max-tokens").value) > state.config.max_new_tokens_limit) {
+    $("max-tokens").value = String(state.config.max_new_tokens_limit);
+  }
+  if (state.config.api_key_required && !apiKey.get()) askForKey();
+}
+
+async function watchHealth() {
+  const label = $("health");
+  try {
+    const health = await getJson("/health");
+    if (health.demo) {
+      $("demo-banner").textContent = health.warning || "Demo mode: random weights, meaningless output.";
+      $("demo-banner").hidden = false;
+    }
+    if (health.model_loaded) {
+      label.textContent = `model loaded (${health.device}, ${health.dtype})`;
+      label.className = "health ok";
+      return;
+    }
+    if (health.load_error) {
+      label.textContent = `the model failed to load: ${health.load_error}`;
+      label.className = "health bad";
+      return;
+    }
+    label.textContent = "the model is loading…";
+  } catch (error) {
+    label.textContent = `cannot reach the server (${error.message})`;
+    label.className = "health bad";
+  }
+  setTimeout(watchHealth, 2000);
+}
+
+// -- choosing a page --------------------------------------------------------------------------
+
+function readAsBase64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+    reader.onerror = () => reject(new Error(`Could not read ${file.name}: ${reader.error}`));
+    reader.readAsDataURL(file);
+  });
+}
+
+function kindOf(file) {
+  if (file.type === "application/pdf" || /\.pdf$/i.test(file.name)) return "pdf";
+  if (file.type.startsWith("image/") || /\.(png|jpe?g|webp|bmp|tiff?|gif)$/i.test(file.name)) return "image";
+  return null;
+}
+
+async function chooseFile(file) {
+  if (!file) return;
+  clearError();
+  const kind = kindOf(file);
+  if (!kind) {
+    showError(`Not an image or a PDF: "${file.name}" (${file.type || "unknown type"}). ` +
+              "Pick a PNG, JPEG, WebP, BMP, TIFF or GIF image, or a PDF.");
+    return;
+  }
+  if (state.controller) {
+    showError("A request is running: stop it before choosing another page.");
+    return;
+  }
+  state.file = { name: file.name, base64: await readAsBase64(file), kind };
+  state.page = 1;
+  state.pageCount = null;
+  $("file-name").textContent = file.name;
+  $("page-picker").hidden = kind !== "pdf";
+  await showPage();
+}
+
+/** Ask the server for the page exactly as it will read it (a PDF page rendered, an image decoded). */
+async function showPage() {
+  resetResults();
+  $("run").disabled = true;
+  setStatus(state.file.kind === "pdf" ? `Rendering page ${state.page}…` : "Loading the image…");
+  try {
+    const body = { image: state.file.base64, image_format: "base64" };
+    if (state.file.kind === "pdf") body.page = state.page;
+    const page = await postJson("/ui/render", body);
+    state.pageCount = page.page_count;
+    $("page-number").value = String(state.page);
+    $("page-number").max = String(page.page_count ?? 1);
+    $("page-count").textContent = String(page.page_count ?? 1);
+    await viewer.show(page.image, page.width, page.height);
+    setStatus(`${page.width} × ${page.height} px${state.file.kind === "pdf" ? `, page ${page.page} of ${page.page_count}` : ""}. Ready.`);
+    $("run").disabled = false;
+  } catch (error) {
+    setStatus("Could not load this page.");
+    showError(error);
+  }
+}
+
+async function goToPage(page) {
+  if (!state.file || state.file.kind !== "pdf") return;
+  if (state.controller) {
+    showError("A request is running: stop it before switching pages.");
+    return;
+  }
+  const count = state.pageCount || 1;
+  if (!Number.isInteger(page) || page < 1 || page > count) {
+    showError(`Page ${page} does not exist: this PDF has ${count} page${count === 1 ? "" : "s"}.`);
+    $("page-number").value = String(state.page);
+    return;
+  }
+  clearError();
+  state.page = page;
+  await showPage();
+}
+
+$("file-input").addEventListener("change", (event) => chooseFile(event.target.files[0]));
+const dropZone = $("drop-zone");
+dropZone.addEventListener("dragover", (event) => { event.preventDefault(); dropZone.classList.add("over"); });
+dropZone.addEventListener("dragleave", () => dropZone.classList.remove("over"));
+dropZone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  dropZone.classList.remove("over");
+  chooseFile(event.dataTransfer.files[0]);
+});
+$("page-prev").addEventListener("click", () => goToPage(state.page - 1));
+$("page-next").addEventListener("click", () => goToPage(state.page + 1));
+$("page-number").addEventListener("change", (event) => goToPage(Number(event.target.value)));
+
+// -- running ----------------------------------------------------------------------------------
+
+function numberField(id, name, { integer = false, min = 0 } = {}) {
+  const value = Number($(id).value);
+  if ($(id).value.trim() === "" || !Number.isFinite(value) || value < min || (integer && !Number.isInteger(value))) {
+    throw new Error(`${name} must be ${integer ? "an integer" : "a number"} ≥ ${min}.`);
+  }
+  return value;
+}
+
+function requestBody(promptType, extra = {}) {
+  const body = {
+    image: state.file.base64, image_format: "base64", prompt_type: promptType,
+    temperature: numberField("temperature", "Temperature"),
+    max_new_tokens: numberField("max-tokens", "Max new tokens", { integer: true, min: 1 }),
+    stream: true, ...extra,
+  };
+  if (state.file.kind === "pdf") body.page = state.page;
+  if (LAYOUT_TYPES.has(promptType)) body.postprocess = true;
+  return body;
+}
+
+function resetResults() {
+  state.run = null;
+  $("answer").replaceChildren(document.createTextNode(""));
+  $("markdown").replaceChildren();
+  $("json").textContent = "";
+  $("grounding").replaceChildren();
+  $("inspect-info").textContent = "";
+  $("inspect-selection").disabled = true;
+  setDownloads(null);
+  viewer.clearLayout();
+  viewer.clearHeatmap();
+}
+
+function setBusy(controller) {
+  state.controller = controller;
+  $("run").disabled = Boolean(controller) || !state.file;
+  $("stop").disabled = !controller;
+}
+
+/** One streamed /ocr request: pieces go to `onPiece`; resolves with the assembled response. */
+async function streamOcr(body, onPiece) {
+  const controller = new AbortController();
+  setBusy(controller);
+  const started = performance.now();
+  const pieces = [];
+  try {
+    const last = await postStream("/ocr", body, (line) => {
+      if (line.response) {
+        pieces.push(line.response);
+        onPiece(line.response, pieces.length);
+      }
+    }, controller.signal);
+    const { model, created_at: _created, response: _empty, done: _done, ...extra } = last;
+    const text = pieces.join("");
+    return { result: { model, prompt_type: body.prompt_type, response: text, ...extra }, text,
+             seconds: (performance.now() - started) / 1000 };
+  } finally {
+    setBusy(null);
+  }
+}
+
+async function run() {
+  if (!state.file || state.controller) return;
+  clearError();
+  let body;
+  try {
+    body = requestBody($("prompt-type").value);
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  resetResults();
+  const answer = $("answer").firstChild;
+  showTab("answer");
+  setStatus("Running… (the answer appears as it is decoded)");
+  try {
+    const { result, text, seconds } = await streamOcr(body, (piece, count) => {
+      answer.appendData(piece);
+      setStatus(`Running… ${count} pieces`);
+    });
+    state.run = { body, text, result };
+    showResult(result);
+    setStatus(`Done: ${text.length} characters in ${seconds.toFixed(1)} s.`);
+  } catch (error) {
+    if (error.name === "AbortError") {
+      setStatus("Stopped. The server cancelled the generation and is free again.");
+      return;
+    }
+    setStatus("Failed.");
+    showError(error);
+  }
+}
+
+function showResult(result) {
+  viewer.showLayout(result.layout || []);
+  const markdown = typeof result.markdown === "string" ? result.markdown : result.response;
+  renderMarkdown(markdown, $("markdown"), (name) => pictureCrop(name, result.layout || []));
+  $("json").textContent = JSON.stringify(result, null, 2);
+  setDownloads(result, markdown);
+  $("inspect-selection").disabled = false;
+}
+
+/** `picture_<i>.png` in the markdown is layout cell i: show that part of the page. */
+function pictureCrop(name, layout) {
+  const match = name.match(/^picture_(\d+)\.png$/);
+  const cell = match && layout[Number(match[1])];
+  if (!cell || !Array.isArray(cell.bbox)) return null;
+  const [x1, y1, x2, y2] = cell.bbox;
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(x2 - x1));
+  canvas.height = Math.max(1, Math.round(y2 - y1));
+  canvas.getContext("2d").drawImage($("page-image"), x1, y1, x2 - x1, y2 - y1, 0, 0, canvas.width, canvas.height);
+  return canvas;
+}
+
+function setDownloads(result, markdown = "") {
+  for (const url of state.downloads) URL.revokeObjectURL(url);
+  state.downloads = [];
+  const stem = state.file ? `${state.file.name.replace(/\.[^.]+$/, "")}${state.file.kind === "pdf" ? `_page${state.page}` : ""}` : "page";
+  const links = [
+    [$("download-json"), result && JSON.stringify(result, null, 2), "application/json", `${stem}.json`],
+    [$("download-md"), result && markdown, "text/markdown", `${stem}.md`],
+  ];
+  for (const [link, content, type, filename] of links) {
+    if (content === null || content === undefined || !result) {
+      link.removeAttribute("href");
+      link.classList.add("disabled");
+      link.setAttribute("aria-disabled", "true");
+      continue;
+    }
+    const url = URL.createObjectURL(new Blob([content], { type }));
+    state.downloads.push(url);
+    link.href = url;
+    link.download = filename;
+    link.classList.remove("disabled");
+    link.removeAttribute("aria-disabled");
+  }
+}
+
+$("run").addEventListener("click", run);
+$("stop").addEventListener("click", () => state.controller && state.controller.abort());
+
+// -- grounding: drag a rectangle --------------------------------------------------------------
+
+viewer.onRegion = async (bbox) => {
+  if (state.controller) {
+    showError("A request is running: wait for it or stop it before reading a region.");
+    return;
+  }
+  clearError();
+  let body;
+  try {
+    body = requestBody("prompt_grounding_ocr", { bbox });
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  const region = viewer.addRegion(bbox, "");
+  const item = document.createElement("li");
+  const title = document.createElement("strong");
+  title.textContent = `[${bbox.join(", ")}]`;
+  const text = document.createElement("div");
+  text.className = "grounding-text";
+  item.append(title, text);
+  $("grounding").appendChild(item);
+  showTab("grounding");
+  setStatus(`Reading the region [${bbox.join(", ")}]…`);
+  try {
+    const { text: answer, seconds } = await streamOcr(body, (piece) => { text.textContent += piece; });
+    region.dataset.text = answer;
+    setStatus(`Region read: ${answer.length} characters in ${seconds.toFixed(1)} s.`);
+  } catch (error) {
+    region.remove();
+    item.remove();
+    if (error.name === "AbortError") {
+      setStatus("Stopped. The server cancelled the generation and is free again.");
+      return;
+    }
+    setStatus("Failed.");
+    showError(error);
+  }
+};
+
+// -- attention ----------------------------------------------------------------------------------
+
+/** "" -> null (all); "20-27" / "0,5,10" / "1-3,7" -> [numbers]. */
+function parseIndexList(text, name) {
+  const value = text.trim();
+  if (!value || value === "all") return null;
+  const out = [];
+  for (const part of value.split(",")) {
+    const range = part.trim().match(/^(-?\d+)(?:\s*-\s*(\d+))?$/);
+    if (!range) throw new Error(`${name}: "${part.trim()}" is not a number or a range like 20-27.`);
+    const start = Number(range[1]);
+    const end = range[2] === undefined ? start : Number(range[2]);
+    if (end < start) throw new Error(`${name}: the range ${part.trim()} runs backwards.`);
+    for (let i = start; i <= end; i += 1) out.push(i);
+  }
+  return out;
+}
+
+/** [start, end) character spans of the top-level {...} objects in a JSON-ish answer. */
+export function objectSpans(text) {
+  const spans = [];
+  let depth = 0;
+  let start = -1;
+  let inString = false;
+  for (let i = 0; i < text.length; i += 1) {
+    const ch = text[i];
+    if (inString) {
+      if (ch === "\\") i += 1;
+      else if (ch === '"') inString = false;
+    } else if (ch === '"') {
+      inString = true;
+    } else if (ch === "{") {
+      if (depth === 0) start = i;
+      depth += 1;
+    } else if (ch === "}" && depth > 0) {
+      depth -= 1;
+      if (depth === 0) spans.push([start, i + 1]);
+    }
+  }
+  return spans;
+}
+
+function cellSpan(index) {
+  const { text, result } = state.run;
+  const layout = result.layout || [];
+  const spans = objectSpans(text);
+  if (spans.length === layout.length) return spans[index];
+  // the answer was repaired (cells dropped or merged): find the cell's own text instead
+  const cellText = layout[index] && layout[index].text;
+  if (typeof cellText === "string" && cellText) {
+    const escaped = JSON.stringify(cellText).slice(1, -1);
+    const at = text.indexOf(escaped);
+    if (at >= 0) return [at, at + escaped.length];
+  }
+  throw new Error(`Cannot find cell #${index} in the answer's text (the answer was repaired).`);
+}
+
+function selectedAnswerSpan() {
+  const selection = window.getSelection();
+  const answer = $("answer");
+  if (!selection.rangeCount || selection.isCollapsed) return null;
+  const range = selection.getRangeAt(0);
+  if (!answer.contains(range.startContainer) || !answer.contains(range.endContainer)) return null;
+  const before = document.createRange();
+  before.setStart(answer, 0);
+  before.setEnd(range.startContainer, range.startOffset);
+  const start = before.toString().length;
+  return [start, start + range.toString().length];
+}
+
+async function inspect(charSpan, label) {
+  if (!state.run) return;
+  if (state.controller) {
+    showError("A request is running: wait for it or stop it first.");
+    return;
+  }
+  clearError();
+  let body;
+  try {
+    body = {
+      image: state.file.base64, image_format: "base64", prompt_type: state.run.body.prompt_type,
+      text: state.run.text, char_span: charSpan,
+    };
+    if (state.file.kind === "pdf") body.page = state.page;
+    const layers = parseIndexList($("inspect-layers").value, "Layers");
+    const heads = parseIndexList($("inspect-heads").value, "Heads");
+    if (layers) body.layers = layers;
+    if (heads) body.heads = heads;
+  } catch (error) {
+    showError(error);
+    return;
+  }
+  const controller = new AbortController();
+  setBusy(controller);
+  setStatus(`Computing attention for ${label}…`);
+  try {
+    const result = await postJson("/inspect", body, controller.signal);
+    viewer.showHeatmap(result.attention);
+    describeInspection(result, label);
+    setStatus(`Attention for ${label}: ${(100 * result.image_mass).toFixed(1)} % of it on the page.`);
+  } catch (error) {
+    setStatus(error.name === "AbortError" ? "Stopped." : "Failed.");
+    if (error.name !== "AbortError") showError(error);
+  } finally {
+    setBusy(null);
+  }
+}
+
+function describeInspection(result, label) {
+  const info = $("inspect-info");
+  info.replaceChildren();
+  const head = document.createElement("div");
+  const layers = result.layers.length > 6 ? `${result.layers.length} layers` : `layers ${result.layers.join(", ")}`;
+  head.textContent = `${label}: tokens ${result.span[0]}–${result.span[1] - 1}, ${layers}, ` +
+    `${result.heads.length} heads, grid ${result.grid.rows} × ${result.grid.cols}`;
+  const tokens = document.createElement("div");
+  for (const token of result.tokens) {
+    const chip = document.createElement("span");
+    chip.className = "token";
+    const p = Math.exp(token.logprob);
+    chip.style.backgroundColor = `rgba(34, 102, 204, ${(0.1 + 0.6 * p).toFixed(2)})`;
+    chip.title = `p = ${p.toFixed(3)}`;
+    chip.textContent = token.text || "·";
+    tokens.appendChild(chip);
+  }
+  info.append(head, tokens);
+}
+
+viewer.onCell = (index) => {
+  if (!state.run) return;
+  viewer.selectCell(index);
+  try {
+    inspect(cellSpan(index), `cell #${index}`);
+  } catch (error) {
+    showError(error);
+  }
+};
+
+$("inspect-selection").addEventListener("click", () => {
+  const span = selectedAnswerSpan();
+  if (!span) {
+    showError("Select some of the answer's text first (in the Answer tab).");
+    return;
+  }
+  inspect(span, `"${state.run.text.slice(span[0], Math.min(span[1], span[0] + 40))}"`);
+});
+$("clear-heatmap").addEventListener("click", () => viewer.clearHeatmap());
+$("heat-opacity").addEventListener("input", (event) => { $("heatmap").style.opacity = event.target.value; });
+
+// -- tabs -------------------------------------------------------------------------------------
+
+function showTab(name) {
+  for (const tab of document.querySelectorAll("[data-tab]")) {
+    tab.setAttribute("aria-selected", String(tab.dataset.tab === name));
+  }
+  for (const panel of document.querySelectorAll("[data-panel]")) panel.hidden = panel.dataset.panel !== name;
+}
+
+for (const tab of document.querySelectorAll("[data-tab]")) {
+  tab.addEventListener("click", () => showTab(tab.dataset.tab));
+}
+
+// -- start --------------------------------------------------------------------------------------
+
+loadConfig().catch(showError);
+watchHealth();
