@@ -29,14 +29,19 @@ from flask import Flask, Response, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from werkzeug.exceptions import HTTPException
 
+from image_utils import IMAGE_FORMATS, clip_for_message
+from model_runner.prompts import (BBOX_PROMPT_TYPES, POSTPROCESS_PROMPT_TYPES, PROMPT_TYPES, QUESTION_PROMPT_TYPES,
+                                  default_temperature)
+
 log = logging.getLogger("dots_ocr_server")
 
 MODEL_NAME = "dots-ocr"
-PROMPT_TYPES = ("prompt_layout_all_en", "prompt_layout_only_en", "prompt_ocr", "prompt_grounding_ocr")
-IMAGE_FORMATS = ("path", "url", "base64")
 BUSY_MESSAGE = "Server is busy processing another request"
 NOT_LOADED_MESSAGE = "Model not loaded"
 NO_IMAGE_MESSAGE = "No image data provided"
+DEFAULT_TEMPERATURE = 0.1
+MIN_TEMPERATURE = 1e-4
+MAX_JSON_DEPTH = 64  # deeper bodies are refused before parsing (the parser would recurse)
 DEMO_NOTICE = ("DEMO MODE: serving a tiny checkpoint with RANDOM weights; its output is meaningless. "
                "Download the real weights and start without --demo for real OCR.")
 
@@ -64,6 +69,9 @@ class ServerConfig:
     repetition_window: int = 512
     compile: bool | None = None  # CUDA fast path (static cache + compiled decode): None = on for CUDA
     threads: int = 16
+    max_batch_size: int = 1
+    max_pdf_pages: int = 2000
+    max_prompt_chars: int = 4000
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -96,6 +104,9 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--compile", dict(action=argparse.BooleanOptionalAction,
                        help="CUDA fast path: static KV cache + compiled decode step (default: on with CUDA, off on CPU)")),
     ("--threads", dict(type=int, help="request threads (one request runs; the others get 429)")),
+    ("--max-batch-size", dict(type=int, help="requests that generate together (1: one at a time, as API.md)")),
+    ("--max-pdf-pages", dict(type=int, help="largest PDF (pages) accepted, checked when it is opened")),
+    ("--max-prompt-chars", dict(type=int, help="longest `prompt` (question) for prompt_general")),
 ]
 
 
@@ -129,10 +140,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 class RequestError(Exception):
     """An error with an HTTP status and a message for the client."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.headers = headers or {}
 
 
 class OCRRequest(BaseModel):
@@ -144,7 +156,9 @@ class OCRRequest(BaseModel):
     image: str
     image_format: str = "path"
     prompt_type: str = "prompt_layout_all_en"
-    temperature: float = Field(0.1, ge=0, allow_inf_nan=False)
+    # Not sent: the prompt type's default (0.1; 0.9 for prompt_image_to_svg). Below
+    # MIN_TEMPERATURE (but not 0) it is refused: sampling would divide the logits into inf/nan.
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     max_new_tokens: int = Field(12000, ge=1)
     stream: bool = False
@@ -155,6 +169,27 @@ class OCRRequest(BaseModel):
     postprocess: bool = False  # add layout (original pixels), markdown, repaired
     skip_headers_footers: bool = False  # markdown without Page-header / Page-footer
     visualize: bool = False  # add a base64 PNG of the page with its layout drawn
+    prompt: str | None = None  # the question, for prompt_general only
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # reproducible sampling
+    logprobs: bool = False  # add per-token log-probabilities
+    top_logprobs: int | None = Field(None, ge=1, le=5)  # with logprobs: k alternatives per token
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_vanishing(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_length(cls, value: str | None, info: ValidationInfo) -> str | None:
+        limit = (info.context or {}).get("max_prompt_chars")
+        if value is not None and limit is not None and len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters (the server's --max-prompt-chars)")
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank")
+        return value
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -180,21 +215,34 @@ class OCRRequest(BaseModel):
 
     @model_validator(mode="after")
     def _bbox_matches_prompt(self) -> "OCRRequest":
-        if self.prompt_type == "prompt_grounding_ocr" and self.bbox is None:
+        if self.prompt_type in BBOX_PROMPT_TYPES and self.bbox is None:
             raise ValueError("'bbox' is required for prompt_grounding_ocr: [x1, y1, x2, y2] in image pixels")
-        if self.prompt_type != "prompt_grounding_ocr" and self.bbox is not None:
+        if self.prompt_type not in BBOX_PROMPT_TYPES and self.bbox is not None:
             raise ValueError("'bbox' is only used with prompt_grounding_ocr")
-        layout_types = ("prompt_layout_all_en", "prompt_layout_only_en", "prompt_grounding_ocr")
+        if self.prompt_type in QUESTION_PROMPT_TYPES and self.prompt is None:
+            raise ValueError("'prompt' (the question) is required for prompt_general")
+        if self.prompt_type not in QUESTION_PROMPT_TYPES and self.prompt is not None:
+            raise ValueError("'prompt' is only used with prompt_general")
         for name in ("postprocess", "visualize"):
-            if getattr(self, name) and self.prompt_type not in layout_types:
-                raise ValueError(f"'{name}' applies to the layout prompt types {list(layout_types)}")
+            if getattr(self, name) and self.prompt_type not in POSTPROCESS_PROMPT_TYPES:
+                raise ValueError(f"'{name}' applies to the prompt types {list(POSTPROCESS_PROMPT_TYPES)}")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' needs 'logprobs': true")
         if self.skip_headers_footers and not self.postprocess:
             raise ValueError("'skip_headers_footers' needs 'postprocess': true")
         return self
 
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature asked for, or the prompt type's default."""
+        if "temperature" in self.model_fields_set:
+            return self.temperature
+        return default_temperature(self.prompt_type, DEFAULT_TEMPERATURE)
+
 
 def _validation_message(error: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in error.get("loc", ())) or "body"
+    # a location or message may hold the client's input (a 1 MB field name): echo a clipped copy
+    loc = clip_for_message(".".join(str(p) for p in error.get("loc", ())) or "body")
     kind = error.get("type", "")
     if kind == "extra_forbidden":
         return f"Unknown field '{loc}'"
@@ -205,7 +253,7 @@ def _validation_message(error: dict[str, Any]) -> str:
     return f"Invalid '{loc}': {msg}" if loc != "body" else msg
 
 
-def validate_request(body: Any, max_new_tokens_limit: int) -> OCRRequest:
+def validate_request(body: Any, max_new_tokens_limit: int, max_prompt_chars: int = 4000) -> OCRRequest:
     """Check the JSON body in the order API.md documents its messages."""
     if not isinstance(body, dict):
         raise RequestError("Request body must be a JSON object")
@@ -219,7 +267,8 @@ def validate_request(body: Any, max_new_tokens_limit: int) -> OCRRequest:
     if not isinstance(image_format, str) or image_format not in IMAGE_FORMATS:
         raise RequestError(f"Invalid image_format. Must be one of: {list(IMAGE_FORMATS)}")
     try:
-        return OCRRequest.model_validate(body, context={"max_new_tokens_limit": max_new_tokens_limit})
+        return OCRRequest.model_validate(body, context={"max_new_tokens_limit": max_new_tokens_limit,
+                                                        "max_prompt_chars": max_prompt_chars})
     except ValidationError as exc:
         raise RequestError(_validation_message(exc.errors()[0])) from None
 
@@ -229,11 +278,48 @@ def validate_request(body: Any, max_new_tokens_limit: int) -> OCRRequest:
 # ---------------------------------------------------------------------------------------------
 
 
+class SlotPool:
+    """``size`` generation slots, with the non-blocking part of ``threading.Lock``'s interface:
+    at size 1 it is the single processing lock of API.md; at N > 1 up to N requests hold a slot
+    (and generate together in the runner's batch). A plain counter under a lock: a
+    ``BoundedSemaphore`` cannot say how many are taken."""
+
+    def __init__(self, size: int = 1):
+        if size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.size = size
+        self._taken = 0
+        self._mutex = threading.Lock()
+
+    def acquire(self, blocking: bool = False) -> bool:
+        if blocking:
+            raise ValueError("SlotPool only acquires without blocking")
+        with self._mutex:
+            if self._taken >= self.size:
+                return False
+            self._taken += 1
+            return True
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._taken <= 0:
+                raise RuntimeError("release of a slot that was not taken")
+            self._taken -= 1
+
+    @property
+    def running(self) -> int:
+        return self._taken
+
+    def locked(self) -> bool:
+        """True when no slot is free (a full pool, like a held lock)."""
+        return self._taken >= self.size
+
+
 class ServerState:
     def __init__(self, config: ServerConfig, runner):
         self.config = config
         self.runner = runner
-        self.lock = threading.Lock()
+        self.lock = SlotPool(config.max_batch_size)
         self.load_error: str | None = None
         self.loader: threading.Thread | None = None
 
@@ -335,7 +421,7 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
     from image_utils import ImagePolicy
 
     policy = ImagePolicy(image_root=config.image_root, allow_private_urls=config.allow_private_urls,
-                         max_image_pixels=config.max_image_pixels)
+                         max_image_pixels=config.max_image_pixels, max_pdf_pages=config.max_pdf_pages)
 
     _register_error_handlers(app)
 
@@ -351,19 +437,20 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
             body["device"] = str(runner.device)
             body["dtype"] = str(runner.dtype).removeprefix("torch.")
             body["fast_path"] = bool(getattr(runner, "fast_path", False))
+        body["max_batch_size"] = state.lock.size
+        body["running"] = state.lock.running
+        body["prompt_types"] = list(PROMPT_TYPES)
         return jsonify(body)
 
     @app.post("/ocr")
     def ocr():
         _check_api_key(config)
-        body = request.get_json(force=True, silent=True)
-        if body is None and request.get_data(cache=True):
-            raise RequestError("Invalid JSON body")
-        req = validate_request(body, config.max_new_tokens_limit)
+        body = _json_body()
+        req = validate_request(body, config.max_new_tokens_limit, config.max_prompt_chars)
         if not state.model_loaded:
             raise RequestError(NOT_LOADED_MESSAGE, 500)
         if not state.lock.acquire(blocking=False):
-            raise RequestError(BUSY_MESSAGE, 429)
+            raise RequestError(BUSY_MESSAGE, 429, headers={"Retry-After": "1"})
         release = _once(state.lock.release)
         try:
             job = _start_job(runner, policy, req, _client_gone_probe(request.environ))
@@ -379,15 +466,57 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
             response.call_on_close(release)
             return response
         try:
-            text = job.first + "".join(job.pieces)
+            parts, tokens = [job.first], list(job.first_tokens)
+            for piece in job.pieces:
+                parts.append(piece.text)
+                tokens.extend(piece.tokens)
+            text = "".join(parts)
             body = {"model": MODEL_NAME, "response": text, "prompt_type": req.prompt_type}
             body.update(job.extra_fields(text))
+            if req.logprobs:
+                body["logprobs"] = [_token_json(t) for t in tokens]
         finally:
             job.pieces.close()
             release()
         return jsonify(body)
 
     return app
+
+
+def _json_depth_exceeds(data: bytes, limit: int) -> bool:
+    """True when brackets nest deeper than ``limit`` (strings skipped). Checked before parsing:
+    Python's json module recurses per level and a body nested thousands deep (closed or not) ends
+    in RecursionError. Hand-written because no parser option bounds the depth."""
+    depth = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+def _json_body() -> Any:
+    """The request's JSON body (None when empty); 400 for invalid or too deeply nested JSON."""
+    data = request.get_data(cache=True)
+    if _json_depth_exceeds(data, MAX_JSON_DEPTH):
+        raise RequestError(f"Invalid JSON body: nested deeper than {MAX_JSON_DEPTH} levels")
+    body = request.get_json(force=True, silent=True)
+    if body is None and data:
+        raise RequestError("Invalid JSON body")
+    return body
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:
@@ -409,26 +538,61 @@ def _check_api_key(config: ServerConfig) -> None:
         raise RequestError("Unauthorized: send 'Authorization: Bearer <api key>'", 401)
 
 
+# Ollama's names for how an answer ended (issue 12); the runner's "eos" is Ollama's "stop".
+DONE_REASONS = {"eos": "stop", "length": "length", "repetition": "repetition", "cancelled": "cancelled"}
+
+
+def _ns(seconds: float) -> int:
+    return int(round(seconds * 1e9))
+
+
+def _token_json(token) -> dict[str, Any]:
+    entry: dict[str, Any] = {"token": token.text, "id": token.id, "logprob": token.logprob}
+    if token.top:
+        entry["top_logprobs"] = [{"token": text, "id": tid, "logprob": lp} for tid, text, lp in token.top]
+    return entry
+
+
 @dataclass
 class _Job:
-    """One /ocr request past validation: its page, the running generation, its first piece."""
+    """One /ocr request past validation: its page, the running generation, its first text piece
+    (with the tokens generated up to it)."""
 
     req: OCRRequest
     document: Any  # image_utils.LoadedImage
-    pieces: Iterator[str]
+    pieces: Iterator[Any]  # model_runner.decoding.Piece
     first: str
+    first_tokens: list[Any]
     stats: Any  # model_runner.runner.GenerationStats
+    started: float  # time.perf_counter() when the request began
+    load_s: float  # reading, decoding or rendering the image
+
+    def statistics(self) -> dict[str, Any]:
+        """How the answer ended and what it cost, with Ollama's field names (durations in ns)."""
+        stats = self.stats
+        fields: dict[str, Any] = {
+            "done_reason": DONE_REASONS.get(stats.finish_reason, stats.finish_reason),
+            "total_duration": _ns(time.perf_counter() - self.started),
+            "load_duration": _ns(self.load_s),
+            "prompt_eval_count": stats.prompt_tokens,
+            "prompt_eval_duration": _ns(stats.prompt_eval_s),
+            "eval_count": stats.new_tokens,
+            "eval_duration": _ns(stats.decode_s),
+        }
+        if stats.seed is not None and self.req.seed is not None:
+            fields["seed"] = stats.seed
+        return fields
 
     def extra_fields(self, text: str) -> dict[str, Any]:
-        """The fields beyond API.md that the request asked for (none when it asked for none)."""
+        """The fields beyond API.md: the statistics, and what the request asked for."""
         from image_utils import to_original_coords
 
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = self.statistics()
         if self.document.source_kind == "pdf":
             extra["page"] = self.document.page
             extra["page_count"] = self.document.page_count
         if self.req.postprocess or self.req.visualize:
-            from layout import postprocess_response, visualize_png_base64
+            from layout import postprocess_response, visualize_response
 
             processed = postprocess_response(
                 text, prompt_type=self.req.prompt_type, model_size=self.stats.model_size,
@@ -438,8 +602,18 @@ class _Job:
             if self.req.postprocess:
                 extra.update(processed)
             if self.req.visualize:
-                extra["visualization"] = visualize_png_base64(self.document.image, processed["layout"])
+                extra.update(visualize_response(processed, prompt_type=self.req.prompt_type,
+                                                image=self.document.image))
         return extra
+
+
+def _check_bbox_inside(req: OCRRequest, size: tuple[int, int]) -> None:
+    if req.bbox is None:
+        return
+    width, height = size
+    x1, y1, _, _ = req.bbox
+    if x1 >= width or y1 >= height:
+        raise RequestError(f"Invalid 'bbox': {req.bbox} lies entirely outside the image ({width} x {height} pixels)")
 
 
 def _start_job(runner, policy, req: OCRRequest, should_stop) -> _Job:
@@ -448,42 +622,65 @@ def _start_job(runner, policy, req: OCRRequest, should_stop) -> _Job:
     from image_utils import ImageInputError, load_document
     from model_runner.runner import GenerationInputError, GenerationStats
 
+    started = time.perf_counter()
     try:
         document = load_document(req.image, req.image_format, policy, page=req.page, dpi=req.dpi)
     except ImageInputError as exc:
         raise RequestError(exc.message, exc.status) from None
+    load_s = time.perf_counter() - started
+    _check_bbox_inside(req, document.image.size)
     stats = GenerationStats()
-    pieces = runner.stream(document.image, req.prompt_type, bbox=req.bbox, temperature=req.temperature,
-                           top_p=req.top_p, max_new_tokens=req.max_new_tokens, stats=stats,
-                           should_stop=should_stop)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    pieces = runner.stream_pieces(document.image, req.prompt_type, bbox=req.bbox,
+                                  temperature=req.sampling_temperature, top_p=req.top_p,
+                                  max_new_tokens=req.max_new_tokens, stats=stats, should_stop=should_stop,
+                                  question=req.prompt, seed=req.seed, logprobs=logprobs)
+    first_tokens: list[Any] = []
+    first = ""
     try:
-        first = next(pieces, "")
+        for piece in pieces:
+            first_tokens.extend(piece.tokens)
+            if piece.text:
+                first = piece.text
+                break
     except GenerationInputError as exc:
         raise RequestError(str(exc), 400) from None
-    return _Job(req=req, document=document, pieces=pieces, first=first, stats=stats)
+    return _Job(req=req, document=document, pieces=pieces, first=first, first_tokens=first_tokens,
+                stats=stats, started=started, load_s=load_s)
 
 
 def _stream_lines(job: _Job, release: Callable[[], None]) -> Iterator[bytes]:
-    """NDJSON lines, one per text piece, then the closing ``done`` line (which carries the extra
-    fields the request asked for). An error after the first line ends the stream with a last
-    line carrying ``error`` and ``done: true``."""
-    def line(response: str, done: bool, **extra) -> bytes:
-        return _ndjson({"model": MODEL_NAME, "created_at": _now_iso(), "response": response, "done": done,
-                        **extra})
+    """NDJSON lines, one per text piece (with its tokens' logprobs when asked for), then the
+    closing ``done`` line (which carries the statistics and the extra fields the request asked
+    for). An error after the first line ends the stream with a last line carrying ``error`` and
+    ``done: true``."""
+    def line(response: str, done: bool, tokens=(), **extra) -> bytes:
+        body = {"model": MODEL_NAME, "created_at": _now_iso(), "response": response, "done": done}
+        if job.req.logprobs and not done:
+            body["logprobs"] = [_token_json(t) for t in tokens]
+        return _ndjson({**body, **extra})
 
     text = [job.first]
+    pending = list(job.first_tokens)
     try:
         if job.first:
-            yield line(job.first, False)
+            yield line(job.first, False, pending)
+            pending = []
         try:
             for piece in job.pieces:
-                text.append(piece)
-                yield line(piece, False)
+                pending.extend(piece.tokens)
+                if not piece.text:
+                    continue
+                text.append(piece.text)
+                yield line(piece.text, False, pending)
+                pending = []
             extra = job.extra_fields("".join(text))
         except Exception as exc:  # noqa: BLE001 - the client gets it as the stream's last line
             log.exception("generation failed mid-stream")
-            yield line("", True, error=f"Generation failed: {exc}")
+            yield line("", True, error=f"Generation failed: {clip_for_message(exc)}")
             return
+        if job.req.logprobs and pending:
+            extra["logprobs"] = [_token_json(t) for t in pending]
         yield line("", True, **extra)
     finally:
         job.pieces.close()  # cancels generation if the client went away mid-stream
@@ -495,7 +692,9 @@ def _register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(RequestError)
     def request_error(exc: RequestError):
-        return _error(exc.message, exc.status)
+        response = _error(exc.message, exc.status)
+        response.headers.update(exc.headers)
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

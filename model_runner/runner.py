@@ -31,7 +31,7 @@ from transformers import StoppingCriteria
 
 from .batching import END, BatchEngine, BatchFullError, DynamicBatch, EngineRequest
 from .decoding import DecodingOptions, GenerationInputError, Piece, PieceAssembler, TokenChooser, TokenRecord
-from .prompts import GROUNDING_PROMPT_TYPE, PROMPT_TYPES, prompt_text
+from .prompts import GROUNDING_PROMPT_TYPE, PROMPT_TYPES, prompt_text, system_text
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ class ModelRunner:
         return smart_resize_dims(width, height, min_pixels=min_pixels, max_pixels=max_pixels)
 
     def prepare(self, image: Image.Image, prompt_type: str | None, bbox=None, stats: GenerationStats | None = None,
-                *, messages: list[dict] | None = None):
+                *, messages: list[dict] | None = None, question: str | None = None):
         """Resize the image to the model's input size, build the prompt, tokenize, and move the
         tensors to the device. Returns the processor's ``BatchFeature``.
 
@@ -400,7 +400,11 @@ class ModelRunner:
                 if bbox is None:
                     raise GenerationInputError("bbox is required for prompt_grounding_ocr")
                 model_bbox = to_model_coords(bbox, original, model_size)
-            text = self.processor.render_prompt(prompt_text(prompt_type, model_bbox))
+            try:
+                user_text = prompt_text(prompt_type, model_bbox, image_size=original, question=question)
+            except ValueError as exc:
+                raise GenerationInputError(str(exc)) from None
+            text = self.processor.render_prompt(user_text, system=system_text(prompt_type))
         try:
             inputs = self.processor(text=text, images=[resized]).to(self.device)
         except ValueError as exc:  # e.g. a chat with no image placeholder, or several
@@ -421,7 +425,7 @@ class ModelRunner:
     def stream_pieces(self, image: Image.Image, prompt_type: str | None, *, bbox=None, temperature: float = 0.1,
                       top_p: float = 1.0, max_new_tokens: int = 12000, stats: GenerationStats | None = None,
                       should_stop: Callable[[], bool] | None = None, messages: list[dict] | None = None,
-                      seed: int | None = None, logprobs: int | None = None, repetition_penalty: float = 1.0,
+                      question: str | None = None, seed: int | None = None, logprobs: int | None = None, repetition_penalty: float = 1.0,
                       frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                       ignore_eos: bool = False) -> Iterator[Piece]:
         """Yield the answer token by token: one ``Piece`` per generated token (``.text`` may be
@@ -447,7 +451,7 @@ class ModelRunner:
         request = None
         t_gen = started
         try:
-            inputs = self.prepare(image, prompt_type, bbox, stats, messages=messages)
+            inputs = self.prepare(image, prompt_type, bbox, stats, messages=messages, question=question)
             stats.prepare_s = time.perf_counter() - started
             request = self._request(inputs, options, max_new_tokens, should_stop, ignore_eos)
             stats.seed = request.chooser.seed

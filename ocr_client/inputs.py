@@ -85,7 +85,7 @@ def _policy():
     server still checks every upload), no page limit and no size cap for PDFs read from disk."""
     from image_utils import ImagePolicy
 
-    return ImagePolicy(max_image_pixels=1_000_000_000, max_download_bytes=1 << 40, pdf_max_pages=sys.maxsize)
+    return ImagePolicy(max_image_pixels=1_000_000_000, max_download_bytes=1 << 40, max_pdf_pages=sys.maxsize)
 
 
 def _is_image(path: Path) -> bool:

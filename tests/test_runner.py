@@ -139,9 +139,9 @@ def test_grounding_maps_bbox_into_the_prompt(runner, page_image, monkeypatch):
     seen = {}
     original = runner.processor.render_prompt
 
-    def spy(prompt, n_images=1):
+    def spy(prompt, n_images=1, system=None):
         seen["prompt"] = prompt
-        return original(prompt, n_images)
+        return original(prompt, n_images, system=system)
 
     monkeypatch.setattr(runner.processor, "render_prompt", spy)
     runner.generate(page_image, "prompt_grounding_ocr", bbox=[0, 0, 220, 300], temperature=0, max_new_tokens=2)

@@ -13,7 +13,12 @@ from PIL import Image
 from forcing import FailsAtStep
 from server import BUSY_MESSAGE, ServerConfig, create_app, main, parse_args
 
-PROMPT_LIST = "['prompt_layout_all_en', 'prompt_layout_only_en', 'prompt_ocr', 'prompt_grounding_ocr']"
+# issue 12: every answer ends with how it ended and what it cost (Ollama's names, after API.md's fields)
+STATISTICS = ["done_reason", "total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
+              "eval_count", "eval_duration"]
+
+PROMPT_LIST = ("['prompt_layout_all_en', 'prompt_layout_only_en', 'prompt_ocr', 'prompt_grounding_ocr', "
+               "'prompt_web_parsing', 'prompt_scene_spotting', 'prompt_image_to_svg', 'prompt_general']")
 
 
 @pytest.fixture()
@@ -102,7 +107,7 @@ def test_ocr_path_json_response(app, client, page_path):
     response = _ocr(client, image=str(page_path), image_format="path", prompt_type="prompt_ocr")
     assert response.status_code == 200
     body = response.get_json()
-    assert list(body) == ["model", "response", "prompt_type"]
+    assert list(body) == ["model", "response", "prompt_type", *STATISTICS]
     assert body["model"] == "dots-ocr" and body["prompt_type"] == "prompt_ocr"
     assert isinstance(body["response"], str)
     _assert_free(app)
@@ -110,13 +115,13 @@ def test_ocr_path_json_response(app, client, page_path):
 
 def test_defaults(app, client, page_path, runner, monkeypatch):
     seen = {}
-    original = runner.stream
+    original = runner.stream_pieces
 
     def spy(image, prompt_type, **kwargs):
         seen.update(kwargs, prompt_type=prompt_type)
         return original(image, prompt_type, **{**kwargs, "max_new_tokens": 2})
 
-    monkeypatch.setattr(runner, "stream", spy)
+    monkeypatch.setattr(runner, "stream_pieces", spy)
     response = client.post("/ocr", json={"image": str(page_path)})
     assert response.status_code == 200
     assert response.get_json()["prompt_type"] == "prompt_layout_all_en"
@@ -148,8 +153,10 @@ def test_stream_ndjson(app, client, page_path):
     assert response.mimetype == "application/x-ndjson"
     lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
     assert lines[-1]["done"] is True and lines[-1]["response"] == ""
-    for line in lines:
+    for line in lines[:-1]:
         assert set(line) == {"model", "created_at", "response", "done"}
+    assert list(lines[-1]) == ["model", "created_at", "response", "done", *STATISTICS]
+    for line in lines:
         assert line["model"] == "dots-ocr"
         dt.datetime.fromisoformat(line["created_at"])
     assert all(line["done"] is False for line in lines[:-1])
@@ -399,7 +406,7 @@ def test_pdf_pages(app, client, pdf_b64):
         response = _ocr(client, image=pdf_b64, image_format="base64", page=page, prompt_type="prompt_ocr")
         assert response.status_code == 200, response.get_json()
         body = response.get_json()
-        assert list(body) == ["model", "response", "prompt_type", "page", "page_count"]
+        assert list(body) == ["model", "response", "prompt_type", *STATISTICS, "page", "page_count"]
         assert (body["page"], body["page_count"]) == (page, 2)
     default = _ocr(client, image=pdf_b64, image_format="base64").get_json()
     assert default["page"] == 1
@@ -427,11 +434,13 @@ def test_broken_pdf_is_400(app, client):
 
 def _answer_with(runner, monkeypatch, answer: str):
     """Make the runner 'say' ``answer`` (after running its real input preparation)."""
-    def fake_stream(image, prompt_type, *, stats, bbox=None, **kwargs):
-        runner.prepare(image, prompt_type, bbox, stats)
-        yield from (answer[i:i + 7] for i in range(0, len(answer), 7))
+    from model_runner.decoding import Piece
 
-    monkeypatch.setattr(runner, "stream", fake_stream)
+    def fake_stream(image, prompt_type, *, stats, bbox=None, question=None, **kwargs):
+        runner.prepare(image, prompt_type, bbox, stats, question=question)
+        yield from (Piece(answer[i:i + 7]) for i in range(0, len(answer), 7))
+
+    monkeypatch.setattr(runner, "stream_pieces", fake_stream)
 
 
 def test_postprocess_maps_boxes_to_original_pixels(client, runner, page_path, page_image, monkeypatch):
@@ -473,7 +482,7 @@ def test_grounding_postprocess_returns_the_same_box(client, runner, page_path, m
 def test_visualize_adds_a_png_of_the_page(client, runner, page_path, page_image, monkeypatch):
     _answer_with(runner, monkeypatch, json.dumps([{"bbox": [0, 0, 56, 56], "category": "Text", "text": "x"}]))
     body = _ocr(client, image=str(page_path), visualize=True).get_json()
-    assert list(body) == ["model", "response", "prompt_type", "visualization"]
+    assert list(body) == ["model", "response", "prompt_type", *STATISTICS, "visualization"]
     drawn = Image.open(io.BytesIO(base64.b64decode(body["visualization"])))
     assert drawn.format == "PNG" and drawn.size == page_image.size
 
