@@ -1,0 +1,91 @@
+"""Server configuration: one object, filled from flags and DOTS_OCR_* environment variables."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ServerConfig:
+    model_path: str = "./weights/DotsOCR"
+    host: str = "127.0.0.1"
+    port: int = 5000
+    device: str = "auto"
+    dtype: str = "auto"
+    attn_implementation: str = "auto"
+    demo: bool = False
+    image_root: str | None = None
+    allow_private_urls: bool = False
+    api_key: str | None = None
+    max_body_mb: float = 64.0
+    max_image_pixels: int = 100_000_000
+    max_new_tokens_limit: int = 24000
+    repetition_window: int = 512
+    compile: bool | None = None  # CUDA fast path (static cache + compiled decode): None = on for CUDA
+    threads: int = 16
+    max_batch_size: int = 1
+    max_pdf_pages: int = 2000
+    max_prompt_chars: int = 4000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any] | None) -> "ServerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = dict(values or {})
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys: {unknown}")
+        return cls(**values)
+
+
+# Command-line flags; each also reads DOTS_OCR_<NAME> from the environment.
+_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--model-path", dict(help="checkpoint folder (config.json, safetensors, tokenizer)")),
+    ("--host", dict(help="address to bind (default 127.0.0.1: this machine only)")),
+    ("--port", dict(type=int)),
+    ("--device", dict(help="auto | cpu | cuda | cuda:N")),
+    ("--dtype", dict(choices=["auto", "bfloat16", "float16", "float32"])),
+    ("--attn-implementation", dict(choices=["auto", "sdpa", "flash_attention_2", "eager"])),
+    ("--demo", dict(action="store_true", help="build and serve a tiny RANDOM checkpoint (no real OCR)")),
+    ("--image-root", dict(help="confine `path` images to this folder")),
+    ("--allow-private-urls", dict(action="store_true",
+                                  help="let `url` images come from loopback/private/link-local addresses")),
+    ("--api-key", dict(help="require `Authorization: Bearer KEY` on /ocr")),
+    ("--max-body-mb", dict(type=float, help="largest request body accepted")),
+    ("--max-image-pixels", dict(type=int, help="largest decoded image (width x height)")),
+    ("--max-new-tokens-limit", dict(type=int, help="largest max_new_tokens a request may ask for")),
+    ("--repetition-window", dict(type=int, help="tokens of exact repetition that stop a looping page (0: off)")),
+    ("--compile", dict(action=argparse.BooleanOptionalAction,
+                       help="CUDA fast path: static KV cache + compiled decode step "
+                            "(default: on with CUDA, off on CPU)")),
+    ("--threads", dict(type=int, help="request threads (one request runs; the others get 429)")),
+    ("--max-batch-size", dict(type=int, help="requests that generate together (1: one at a time, as API.md)")),
+    ("--max-pdf-pages", dict(type=int, help="largest PDF (pages) accepted, checked when it is opened")),
+    ("--max-prompt-chars", dict(type=int, help="longest `prompt` (question) for prompt_general")),
+]
+
+
+def _env_value(name: str, spec: dict[str, Any]):
+    raw = os.environ.get("DOTS_OCR_" + name.upper())
+    if raw is None:
+        return None
+    if spec.get("action") in ("store_true", argparse.BooleanOptionalAction):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return spec.get("type", str)(raw)
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(prog="server.py", description="dots.ocr HTTP server (transformers, no vLLM)")
+    for flag, spec in _FLAGS:
+        dest = flag[2:].replace("-", "_")
+        env = _env_value(dest, spec)
+        default = env if env is not None else getattr(defaults, dest)
+        help_text = (spec.get("help", "") + f" [env DOTS_OCR_{dest.upper()}; default {default!r}]").strip()
+        parser.add_argument(flag, dest=dest, default=default, **{**spec, "help": help_text})
+    args = parser.parse_args(argv)
+    return ServerConfig.from_mapping(vars(args))
+
