@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
-from model_runner.prompts import LAYOUT_PROMPT_TYPES
+from model_runner.prompts import LAYOUT_PROMPT_TYPES, POSTPROCESS_PROMPT_TYPES
 
 from .errors import PageError
 from .http_client import OCRClient
@@ -30,11 +30,12 @@ class RequestOptions:
 
     prompt_type: str
     dpi: int
-    temperature: float
+    temperature: Optional[float] = None  # None: the server's default for the prompt type
     top_p: Optional[float] = None
     max_new_tokens: Optional[int] = None
     stream: bool = False
     skip_headers_footers: bool = False
+    question: Optional[str] = None  # prompt_general's question
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,19 @@ def build_payload(options: RequestOptions, upload: Upload) -> dict[str, Any]:
         "image": upload.image_b64,
         "image_format": "base64",
         "prompt_type": options.prompt_type,
-        "temperature": options.temperature,
         "stream": options.stream,
     }
+    if options.temperature is not None:
+        payload["temperature"] = options.temperature
+    if options.question is not None:
+        payload["prompt"] = options.question
     if options.top_p is not None:
         payload["top_p"] = options.top_p
     if options.max_new_tokens is not None:
         payload["max_new_tokens"] = options.max_new_tokens
-    if options.prompt_type in LAYOUT_PROMPT_TYPES:
+    if options.prompt_type in POSTPROCESS_PROMPT_TYPES:  # layout, spots or the SVG, in original pixels
         payload["postprocess"] = True
+    if options.prompt_type in LAYOUT_PROMPT_TYPES:
         if options.skip_headers_footers:
             payload["skip_headers_footers"] = True
     return payload

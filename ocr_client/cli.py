@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from model_runner.prompts import GROUNDING_PROMPT_TYPE, LAYOUT_PROMPT_TYPES, PROMPT_TYPES
+from model_runner.prompts import GROUNDING_PROMPT_TYPE, LAYOUT_PROMPT_TYPES, PROMPT_TYPES, QUESTION_PROMPT_TYPES
 
 from .batch import PageTask, Progress, RequestOptions, RunControl, process_page, run_pages
 from .errors import FatalError
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     add("--prompt-type", default="prompt_layout_all_en", choices=batch_prompt_types(),
         help="what to ask the model (default prompt_layout_all_en)")
+    add("--prompt", metavar="QUESTION", default=None,
+        help="the question asked of every page, for --prompt-type prompt_general (required there)")
     add("--concurrency", metavar="K", type=_ranged(int, 1, MAX_CONCURRENCY), default=None,
         help="pages in flight at once (default: the server's max_batch_size from /health, else 1)")
     add("--stream", action="store_true", help="use streaming responses (NDJSON)")
@@ -94,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the server's answer to one page (default 600)")
     add("--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV) or None,
         help=f"the server's API key (default: ${API_KEY_ENV})")
-    add("--temperature", metavar="T", type=_ranged(float, 0), default=0.1,
-        help="sampling temperature (default 0.1)")
+    add("--temperature", metavar="T", type=_ranged(float, 0), default=None,
+        help="sampling temperature (default: the server's for the prompt type: 0.1, 0.9 for prompt_image_to_svg)")
     add("--top-p", metavar="P", type=_ranged(float, 0, 1, low_open=True), default=None,
         help="nucleus sampling (default: the server's, 1.0)")
     add("--max-new-tokens", metavar="N", type=_ranged(int, 1), default=None,
@@ -128,12 +130,17 @@ def _plan(items: list[InputFile], out: Path, force: bool) -> tuple[list[Optional
 def _options(args: argparse.Namespace) -> RequestOptions:
     return RequestOptions(prompt_type=args.prompt_type, dpi=args.dpi, temperature=args.temperature,
                           top_p=args.top_p, max_new_tokens=args.max_new_tokens, stream=bool(args.stream),
-                          skip_headers_footers=bool(args.skip_headers_footers))
+                          skip_headers_footers=bool(args.skip_headers_footers), question=args.prompt)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """The command line; returns the exit code (see the module docstring)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt_type in QUESTION_PROMPT_TYPES and not (args.prompt or "").strip():
+        parser.error(f"--prompt QUESTION is required with --prompt-type {args.prompt_type}")
+    if args.prompt is not None and args.prompt_type not in QUESTION_PROMPT_TYPES:
+        parser.error(f"--prompt is only used with --prompt-type {', '.join(QUESTION_PROMPT_TYPES)}")
 
     from tqdm import tqdm
 

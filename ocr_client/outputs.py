@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from model_runner.prompts import LAYOUT_PROMPT_TYPES
+from model_runner.prompts import LAYOUT_PROMPT_TYPES, SCENE_SPOTTING_PROMPT_TYPE, SVG_PROMPT_TYPE
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -72,24 +72,46 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def write_page_outputs(directory: Path, result: dict[str, Any], prompt_type: str, image: "Image.Image") -> None:
-    """layout.json, page.md, page.png (``image`` with the layout drawn on it), then response.json
-    (last, atomically: the done marker)."""
-    from layout import draw_layout
+    """The page's files, then response.json (last, atomically: the done marker):
+
+    * layout types: layout.json (cells in original pixels), page.md, page.png with the layout drawn;
+    * prompt_scene_spotting: spots.json (quadrilaterals in original pixels), page.md (the texts),
+      page.png with the quadrilaterals drawn;
+    * prompt_image_to_svg: page.svg (the repaired SVG document), page.md (the raw answer), page.png;
+    * other types: page.md (the answer) and page.png (the page).
+    Files a forced rerun with another prompt type would leave stale are removed."""
+    from layout import draw_layout, draw_spots
 
     directory.mkdir(parents=True, exist_ok=True)
     text = result.get("response") if isinstance(result.get("response"), str) else ""
-    cells: list = []
+    server_markdown = result.get("markdown") if isinstance(result.get("markdown"), str) else None
+    written: set[str] = set()
+    picture = image
+    markdown = text
     if prompt_type in LAYOUT_PROMPT_TYPES:
         cells = result.get("layout") if isinstance(result.get("layout"), list) else []
         _write_atomic(directory / "layout.json", _json_bytes(cells))
-        markdown = result.get("markdown") if isinstance(result.get("markdown"), str) else text
-    else:
-        (directory / "layout.json").unlink(missing_ok=True)  # stale, from a forced rerun
-        markdown = text
+        written.add("layout.json")
+        markdown = server_markdown if server_markdown is not None else text
+        picture = draw_layout(image, cells) if cells else image
+    elif prompt_type == SCENE_SPOTTING_PROMPT_TYPE:
+        spots = result.get("spots") if isinstance(result.get("spots"), list) else []
+        _write_atomic(directory / "spots.json", _json_bytes(spots))
+        written.add("spots.json")
+        markdown = server_markdown if server_markdown is not None else text
+        picture = draw_spots(image, spots) if spots else image
+    elif prompt_type == SVG_PROMPT_TYPE and isinstance(result.get("svg"), str):
+        _write_atomic(directory / "page.svg", result["svg"].encode("utf-8"))
+        written.add("page.svg")
+    for name in STRUCTURED_FILES - written:
+        (directory / name).unlink(missing_ok=True)
     _write_atomic(directory / "page.md", markdown.encode("utf-8") if markdown.endswith("\n")
                   else (markdown + "\n").encode("utf-8"))
-    _save_png_atomic(directory / "page.png", draw_layout(image, cells) if cells else image)
+    _save_png_atomic(directory / "page.png", picture)
     _write_atomic(directory / MARKER_NAME, _json_bytes(result))
+
+
+STRUCTURED_FILES = frozenset({"layout.json", "spots.json", "page.svg"})
 
 
 @dataclass

@@ -278,3 +278,54 @@ def test_content_detection_and_same_stem_names(fake, inputs, tmp_path):
     pdf_folder = next(i.name for i in items if i.kind == "pdf")
     pages = [json.loads((out / pdf_folder / f"page_{n:04d}" / "response.json").read_text())["page"] for n in (1, 2)]
     assert pages == [1, 2] and len(fake.requests) == 3
+
+
+# -- the dots.mocr prompt types (issue 11) -------------------------------------------------------
+
+
+def _typed_answer(body: dict):
+    answer = {"model": "dots-ocr", "response": "raw", "prompt_type": body["prompt_type"]}
+    if body["prompt_type"] == "prompt_scene_spotting":
+        answer.update(spots=[{"quad": [[5, 5], [60, 5], [60, 30], [5, 30]], "text": "EXIT"}], markdown="EXIT",
+                      repaired=False)
+    elif body["prompt_type"] == "prompt_image_to_svg":
+        answer.update(svg='<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 120 150"></svg>', repaired=False)
+    return 200, answer
+
+
+@pytest.mark.parametrize("prompt_type, extra, files", [
+    ("prompt_scene_spotting", [], {"spots.json", "page.md", "page.png", "response.json"}),
+    ("prompt_image_to_svg", [], {"page.svg", "page.md", "page.png", "response.json"}),
+    ("prompt_general", ["--prompt", "What is the title?"], {"page.md", "page.png", "response.json"}),
+    ("prompt_web_parsing", [], {"layout.json", "page.md", "page.png", "response.json"}),
+])
+def test_new_prompt_types_send_and_save_their_outputs(fake, tmp_path, prompt_type, extra, files):
+    fake.script = [_typed_answer]
+    images = _images(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    assert _fake_run(fake, *images, "--out", str(out), "--prompt-type", prompt_type, *extra) == 0
+    sent = fake.requests[0]
+    assert sent["prompt_type"] == prompt_type
+    assert "temperature" not in sent  # the server's default for the type (0.9 for SVG)
+    assert sent.get("postprocess", False) is (prompt_type != "prompt_general")
+    assert sent.get("prompt") == (extra[1] if extra else None)
+    page_dir = out / "img0" / "page_0001"
+    assert {p.name for p in page_dir.iterdir()} == files
+    if prompt_type == "prompt_scene_spotting":
+        assert json.loads((page_dir / "spots.json").read_text())[0]["text"] == "EXIT"
+        assert (page_dir / "page.md").read_text() == "EXIT\n"
+    if prompt_type == "prompt_image_to_svg":
+        assert (page_dir / "page.svg").read_text().startswith("<svg")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-type", "prompt_general"], "--prompt QUESTION is required"),
+    (["--prompt-type", "prompt_ocr", "--prompt", "why?"], "--prompt is only used with"),
+    (["--prompt-type", "prompt_grounding_ocr"], "invalid choice"),
+])
+def test_prompt_option_rules(fake, tmp_path, capsys, args, message):
+    images = _images(tmp_path / "in", 1)
+    with pytest.raises(SystemExit) as exit_info:
+        _fake_run(fake, *images, "--out", str(tmp_path / "out"), *args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert fake.requests == []
