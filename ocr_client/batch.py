@@ -35,6 +35,8 @@ class RequestOptions:
     max_new_tokens: Optional[int] = None
     stream: bool = False
     skip_headers_footers: bool = False
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ def build_payload(options: RequestOptions, upload: Upload) -> dict[str, Any]:
         payload["top_p"] = options.top_p
     if options.max_new_tokens is not None:
         payload["max_new_tokens"] = options.max_new_tokens
+    if options.logprobs:
+        payload["logprobs"] = True
+        if options.top_logprobs:
+            payload["top_logprobs"] = options.top_logprobs
     if options.prompt_type in LAYOUT_PROMPT_TYPES:
         payload["postprocess"] = True
         if options.skip_headers_footers:
