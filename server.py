@@ -54,9 +54,13 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
         state.start_loading()
 
     register_error_handlers(app)
+    from api import metrics, request_log
     from api.ocr import bp as ocr_routes
 
+    request_log.install(app)
     app.register_blueprint(ocr_routes)
+    if config.metrics:
+        metrics.install(app, state)
     return app
 
 
@@ -71,7 +75,9 @@ Fix it one of these ways:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from api.request_log import configure_logging
+
+    configure_logging(config.log_format)
     if not config.demo and not (Path(config.model_path) / "config.json").is_file():
         print(MISSING_WEIGHTS.format(path=config.model_path), file=sys.stderr)
         return 2
@@ -96,7 +102,7 @@ def serve(config: ServerConfig) -> None:
                 "timeout": 300,
                 "graceful_timeout": 10,
                 "keepalive": 5,
-                "accesslog": "-",
+                "accesslog": None,  # api.request_log writes one access line per request
                 "errorlog": "-",
                 "loglevel": "info",
             }

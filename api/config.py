@@ -29,6 +29,8 @@ class ServerConfig:
     max_batch_size: int = 1
     max_pdf_pages: int = 2000
     max_prompt_chars: int = 4000
+    metrics: bool = True  # GET /metrics (Prometheus) and its bookkeeping
+    log_format: str = "text"  # text | json (one JSON object per line)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -65,6 +67,9 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-batch-size", dict(type=int, help="requests that generate together (1: one at a time, as API.md)")),
     ("--max-pdf-pages", dict(type=int, help="largest PDF (pages) accepted, checked when it is opened")),
     ("--max-prompt-chars", dict(type=int, help="longest `prompt` (question) for prompt_general")),
+    ("--metrics", dict(action=argparse.BooleanOptionalAction,
+                       help="serve GET /metrics (Prometheus text format; open like /health)")),
+    ("--log-format", dict(choices=["text", "json"], help="log lines as text or as one JSON object each")),
 ]
 
 

@@ -18,6 +18,8 @@ from model_runner.prompts import PROMPT_TYPES
 
 from .errors import BUSY_MESSAGE, MODEL_NAME, NOT_LOADED_MESSAGE, RequestError
 from .http import check_api_key, client_gone_probe, json_body, ndjson, now_iso, once
+from .metrics import job_observer
+from .request_log import current_request_id
 from .schemas import OCRRequest, validate_request
 from .state import DEMO_NOTICE, ServerState
 
@@ -66,6 +68,7 @@ def ocr():
     except BaseException:
         release()
         raise
+    job.request_id, job.on_finish = current_request_id(), job_observer()
     if req.stream:
         response = Response(_stream_lines(job, release), mimetype="application/x-ndjson")
         response.headers["Cache-Control"] = "no-cache"
@@ -73,6 +76,7 @@ def ocr():
         # If the client is gone before the body is iterated, the WSGI server still closes it.
         response.call_on_close(job.pieces.close)
         response.call_on_close(release)
+        response.call_on_close(job.finish)
         return response
     try:
         parts, tokens = [job.first], list(job.first_tokens)
@@ -81,12 +85,13 @@ def ocr():
             tokens.extend(piece.tokens)
         text = "".join(parts)
         body = {"model": MODEL_NAME, "response": text, "prompt_type": req.prompt_type}
-        body.update(job.extra_fields(text))
+        body.update(job.extra_fields(text, tokens))
         if req.logprobs:
             body["logprobs"] = [_token_json(t) for t in tokens]
     finally:
         job.pieces.close()
         release()
+        job.finish()
     return jsonify(body)
 
 
@@ -118,6 +123,15 @@ class _Job:
     stats: Any  # model_runner.runner.GenerationStats
     started: float  # time.perf_counter() when the request began
     load_s: float  # reading, decoding or rendering the image
+    tokenizer: Any = None  # the runner's, to place the tokens in the answer (layout confidence)
+    request_id: str | None = None
+    on_finish: Callable[["_Job"], None] | None = None  # metrics and the access line (once)
+
+    def finish(self) -> None:
+        """The generation has ended (stats are final): tell the metrics and the access log."""
+        on_finish, self.on_finish = self.on_finish, None  # once: both ends of a stream call it
+        if on_finish is not None:
+            on_finish(self)
 
     def statistics(self) -> dict[str, Any]:
         """How the answer ended and what it cost, with Ollama's field names (durations in ns)."""
@@ -135,8 +149,9 @@ class _Job:
             fields["seed"] = stats.seed
         return fields
 
-    def extra_fields(self, text: str) -> dict[str, Any]:
-        """The fields beyond API.md: the statistics, and what the request asked for."""
+    def extra_fields(self, text: str, tokens=()) -> dict[str, Any]:
+        """The fields beyond API.md: the statistics, and what the request asked for. ``tokens``:
+        the answer's token records (with logprobs when postprocess is on) for the cells' confidence."""
         from image_utils import to_original_coords
 
         extra: dict[str, Any] = self.statistics()
@@ -152,11 +167,23 @@ class _Job:
                 skip_headers_footers=self.req.skip_headers_footers, picture_mode="ref",
                 to_original=to_original_coords, grounding_bbox=self.req.bbox)
             if self.req.postprocess:
+                if processed.get("layout"):
+                    processed["layout"] = self._with_confidence(processed["layout"], tokens)
                 extra.update(processed)
             if self.req.visualize:
                 extra.update(visualize_response(processed, prompt_type=self.req.prompt_type,
                                                 image=self.document.image))
         return extra
+
+    def _with_confidence(self, cells: list[dict], tokens) -> list[dict]:
+        """Each cell with ``confidence`` (layout.confidence); unchanged without token logprobs."""
+        if self.tokenizer is None or not tokens or any(t.logprob is None for t in tokens):
+            return cells
+        from layout import add_confidence
+        from model_runner.trace import token_offsets
+
+        answer, _, offsets = token_offsets(self.tokenizer, [t.id for t in tokens])
+        return add_confidence(cells, answer, offsets, [t.logprob for t in tokens])
 
 
 def _check_bbox_inside(req: OCRRequest, size: tuple[int, int]) -> None:
@@ -182,7 +209,8 @@ def _start_job(runner, policy, req: OCRRequest, should_stop) -> _Job:
     load_s = time.perf_counter() - started
     _check_bbox_inside(req, document.image.size)
     stats = GenerationStats()
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    # postprocess: the chosen tokens' logprobs (k = 0, one log_softmax per step) for the cells' confidence
+    logprobs = (req.top_logprobs or 0) if req.logprobs else (0 if req.postprocess else None)
     pieces = runner.stream_pieces(document.image, req.prompt_type, bbox=req.bbox,
                                   temperature=req.sampling_temperature, top_p=req.top_p,
                                   max_new_tokens=req.max_new_tokens, stats=stats, should_stop=should_stop,
@@ -198,7 +226,8 @@ def _start_job(runner, policy, req: OCRRequest, should_stop) -> _Job:
     except GenerationInputError as exc:
         raise RequestError(str(exc), 400) from None
     return _Job(req=req, document=document, pieces=pieces, first=first, first_tokens=first_tokens,
-                stats=stats, started=started, load_s=load_s)
+                stats=stats, started=started, load_s=load_s,
+                tokenizer=getattr(getattr(runner, "processor", None), "tokenizer", None))
 
 
 def _stream_lines(job: _Job, release: Callable[[], None]) -> Iterator[bytes]:
@@ -214,6 +243,7 @@ def _stream_lines(job: _Job, release: Callable[[], None]) -> Iterator[bytes]:
 
     text = [job.first]
     pending = list(job.first_tokens)
+    tokens = list(job.first_tokens) if job.req.postprocess else []  # the whole answer's, for confidence
     try:
         if job.first:
             yield line(job.first, False, pending)
@@ -221,15 +251,17 @@ def _stream_lines(job: _Job, release: Callable[[], None]) -> Iterator[bytes]:
         try:
             for piece in job.pieces:
                 pending.extend(piece.tokens)
+                if job.req.postprocess:
+                    tokens.extend(piece.tokens)
                 if not piece.text:
                     continue
                 text.append(piece.text)
                 yield line(piece.text, False, pending)
                 pending = []
-            extra = job.extra_fields("".join(text))
+            extra = job.extra_fields("".join(text), tokens)
         except Exception as exc:  # noqa: BLE001 - the client gets it as the stream's last line
             log.exception("generation failed mid-stream")
-            yield line("", True, error=f"Generation failed: {clip_for_message(exc)}")
+            yield line("", True, error=f"Generation failed: {clip_for_message(exc)}", request_id=job.request_id)
             return
         if job.req.logprobs and pending:
             extra["logprobs"] = [_token_json(t) for t in pending]
@@ -237,4 +269,5 @@ def _stream_lines(job: _Job, release: Callable[[], None]) -> Iterator[bytes]:
     finally:
         job.pieces.close()  # cancels generation if the client went away mid-stream
         release()
+        job.finish()
 

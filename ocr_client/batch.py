@@ -36,6 +36,8 @@ class RequestOptions:
     stream: bool = False
     skip_headers_footers: bool = False
     question: Optional[str] = None  # prompt_general's question
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,10 @@ def build_payload(options: RequestOptions, upload: Upload) -> dict[str, Any]:
         payload["top_p"] = options.top_p
     if options.max_new_tokens is not None:
         payload["max_new_tokens"] = options.max_new_tokens
+    if options.logprobs:
+        payload["logprobs"] = True
+        if options.top_logprobs:
+            payload["top_logprobs"] = options.top_logprobs
     if options.prompt_type in POSTPROCESS_PROMPT_TYPES:  # layout, spots or the SVG, in original pixels
         payload["postprocess"] = True
     if options.prompt_type in LAYOUT_PROMPT_TYPES:

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest answer per page in tokens (default: the server's, 12000)")
     add("--skip-headers-footers", action="store_true",
         help="leave page headers and footers out of page.md (layout prompt types)")
+    add("--logprobs", action="store_true",
+        help="ask for every token's log-probability and save them per page in logprobs.json")
+    add("--top-logprobs", metavar="K", type=_ranged(int, 1, 5), default=None,
+        help="with --logprobs: also the K most likely tokens at each step, 1..5")
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -130,7 +134,8 @@ def _plan(items: list[InputFile], out: Path, force: bool) -> tuple[list[Optional
 def _options(args: argparse.Namespace) -> RequestOptions:
     return RequestOptions(prompt_type=args.prompt_type, dpi=args.dpi, temperature=args.temperature,
                           top_p=args.top_p, max_new_tokens=args.max_new_tokens, stream=bool(args.stream),
-                          skip_headers_footers=bool(args.skip_headers_footers), question=args.prompt)
+                          skip_headers_footers=bool(args.skip_headers_footers), question=args.prompt,
+                          logprobs=bool(args.logprobs or args.top_logprobs), top_logprobs=args.top_logprobs)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

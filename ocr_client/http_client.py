@@ -233,6 +233,7 @@ def _read_stream(response, on_text: Optional[Callable[[int], None]]) -> dict[str
     import requests
 
     parts: list[str] = []
+    tokens: list[Any] = []  # every line's logprobs, when asked for
     chars = 0
     final: Optional[dict[str, Any]] = None
     try:
@@ -247,6 +248,8 @@ def _read_stream(response, on_text: Optional[Callable[[int], None]]) -> dict[str
                 raise PageError("the server sent a stream line that is not a JSON object")
             if line.get("error"):
                 raise PageError(f"the stream ended with an error: {line['error']}")
+            if isinstance(line.get("logprobs"), list):
+                tokens.extend(line["logprobs"])
             piece = line.get("response")
             if isinstance(piece, str) and piece:
                 parts.append(piece)
@@ -264,4 +267,6 @@ def _read_stream(response, on_text: Optional[Callable[[int], None]]) -> dict[str
     for key, value in final.items():
         if key not in ("model", "created_at", "response", "done"):
             result[key] = value
+    if tokens or "logprobs" in final:
+        result["logprobs"] = tokens
     return result

@@ -4,6 +4,8 @@ resumable, and the run's summary (``OUT/summary.json`` and the printed one).
 - ``layout.json``   the layout cells (bbox in page pixels), layout prompt types only
 - ``page.md``       the server's Markdown (layout prompt types) or the raw answer text
 - ``page.png``      the page with the layout drawn on it (the plain page for other prompt types)
+- ``logprobs.json`` with ``--logprobs``: the answer's tokens, each with its log-probability (and
+                    the top alternatives with ``--top-logprobs``), taken out of response.json
 - ``response.json`` the server's JSON, written last and atomically: it marks the page as done
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
 ]
 
 MARKER_NAME = "response.json"
+LOGPROBS_NAME = "logprobs.json"  # with --logprobs: the answer's tokens and their log-probabilities
 SUMMARY_NAME = "summary.json"
 
 
@@ -78,7 +81,9 @@ def write_page_outputs(directory: Path, result: dict[str, Any], prompt_type: str
     * prompt_scene_spotting: spots.json (quadrilaterals in original pixels), page.md (the texts),
       page.png with the quadrilaterals drawn;
     * prompt_image_to_svg: page.svg (the repaired SVG document), page.md (the raw answer), page.png;
-    * other types: page.md (the answer) and page.png (the page).
+    * other types: page.md (the answer) and page.png (the page);
+    * with ``--logprobs``: logprobs.json (the answer's tokens with their log-probabilities, kept out
+      of response.json).
     Files a forced rerun with another prompt type would leave stale are removed."""
     from layout import draw_layout, draw_spots
 
@@ -108,6 +113,11 @@ def write_page_outputs(directory: Path, result: dict[str, Any], prompt_type: str
     _write_atomic(directory / "page.md", markdown.encode("utf-8") if markdown.endswith("\n")
                   else (markdown + "\n").encode("utf-8"))
     _save_png_atomic(directory / "page.png", picture)
+    if "logprobs" in result:
+        result = dict(result)
+        _write_atomic(directory / LOGPROBS_NAME, _json_bytes(result.pop("logprobs")))
+    else:
+        (directory / LOGPROBS_NAME).unlink(missing_ok=True)  # stale, from an earlier run with --logprobs
     _write_atomic(directory / MARKER_NAME, _json_bytes(result))
 
 

@@ -140,4 +140,5 @@ def test_url_image_with_allow_private_urls(tiny_ckpt, image_host, tmp_path):
                                                      "prompt_type": "prompt_ocr", "max_new_tokens": 4}, timeout=30)
         assert response.status_code == 200, response.text
         assert response.json()["model"] == "dots-ocr"
-        assert requests.get(url + "/nope", timeout=5).json() == {"error": "Not found"}
+        missing = requests.get(url + "/nope", timeout=5)
+        assert missing.json() == {"error": "Not found", "request_id": missing.headers["X-Request-Id"]}

@@ -136,3 +136,21 @@ def test_server_down_exit_2(inputs, tmp_path):
     assert "python server.py" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_saved_next_to_the_page(real_server, tmp_path, stream):
+    image = tmp_path / "one.png"
+    Image.new("RGB", (120, 90), "white").save(image)
+    out = tmp_path / "out"
+    extra = ["--stream"] if stream else []
+    assert _run(str(image), "--server", real_server, "--out", str(out), "--prompt-type", "prompt_ocr",
+                "--logprobs", "--top-logprobs", "2", *extra) == 0
+    page = out / "one" / "page_0001"
+    response = json.loads((page / "response.json").read_text())
+    tokens = json.loads((page / "logprobs.json").read_text())
+    assert "logprobs" not in response and len(tokens) == response["eval_count"] > 0
+    assert all(t["logprob"] <= 0 and len(t["top_logprobs"]) == 2 for t in tokens)
+    assert _run(str(image), "--server", real_server, "--out", str(out), "--prompt-type", "prompt_ocr",
+                "--force") == 0
+    assert not (page / "logprobs.json").exists()

@@ -45,6 +45,13 @@ def _ocr(client, **body):
     return client.post("/ocr", json=body)
 
 
+def _error_body(response):
+    """An error body without its request_id (issue 12), which must be the response's X-Request-Id."""
+    body = dict(response.get_json())
+    assert body.pop("request_id") == response.headers["X-Request-Id"]
+    return body
+
+
 def _assert_free(app):
     assert not _state(app).lock.locked()
     assert not [t for t in threading.enumerate() if t.name == "dots-ocr-generate" and t.is_alive()]
@@ -76,7 +83,7 @@ def test_model_not_loaded(tiny_ckpt, page_path):
     assert "weights are broken" in client.get("/health").get_json()["load_error"]
     response = _ocr(client, image=str(page_path))
     assert response.status_code == 500
-    assert response.get_json() == {"error": "Model not loaded"}
+    assert _error_body(response) == {"error": "Model not loaded"}
 
 
 def test_background_loading_then_ready(tiny_ckpt, page_path):
@@ -173,7 +180,7 @@ def test_stream_holds_the_lock_until_finished(app, client, page_path):
     next(chunks)
     assert _state(app).lock.locked()
     second = _ocr(client, image=str(page_path))
-    assert second.status_code == 429 and second.get_json() == {"error": BUSY_MESSAGE}
+    assert second.status_code == 429 and _error_body(second) == {"error": BUSY_MESSAGE}
     for _ in chunks:
         pass
     response.close()
@@ -213,14 +220,14 @@ def test_error_in_non_streaming_generation_is_json_500(app, client, page_path, r
 def test_no_image(app, client, body):
     response = client.post("/ocr", json=body)
     assert response.status_code == 400
-    assert response.get_json() == {"error": "No image data provided"}
+    assert _error_body(response) == {"error": "No image data provided"}
     _assert_free(app)
 
 
 def test_invalid_prompt_type(app, client, page_path):
     response = _ocr(client, image=str(page_path), prompt_type="prompt_poetry")
     assert response.status_code == 400
-    assert response.get_json() == {"error": f"Invalid prompt_type. Must be one of: {PROMPT_LIST}"}
+    assert _error_body(response) == {"error": f"Invalid prompt_type. Must be one of: {PROMPT_LIST}"}
 
 
 def test_busy(app, client, page_path):
@@ -230,7 +237,7 @@ def test_busy(app, client, page_path):
     finally:
         _state(app).lock.release()
     assert response.status_code == 429
-    assert response.get_json() == {"error": "Server is busy processing another request"}
+    assert _error_body(response) == {"error": "Server is busy processing another request"}
 
 
 @pytest.mark.parametrize("field,value", [
@@ -257,7 +264,7 @@ def test_nan_rejected(client, page_path):
 def test_unknown_field_is_named(client, page_path):
     response = _ocr(client, image=str(page_path), temprature=0.2)
     assert response.status_code == 400
-    assert response.get_json() == {"error": "Unknown field 'temprature'"}
+    assert _error_body(response) == {"error": "Unknown field 'temprature'"}
 
 
 @pytest.mark.parametrize("bbox", [None, [1, 2, 3], [10, 10, 5, 20], [-1, 0, 5, 5], ["a", 0, 5, 5], [0, 0, True, 5]])
