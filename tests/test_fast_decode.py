@@ -463,3 +463,25 @@ def test_bench_http_stub_times_the_http_and_image_path(tmp_path):
     stub = json.loads(out.read_text())["http_stub"]
     assert stub["same_output"] is True and stub["http_s"] > 0 and "server_overhead_s" in stub
     assert "HTTP + image path beyond model time" in proc.stdout
+
+
+def test_bench_throughput_prints_a_table_and_a_json_line(tmp_path):
+    """The throughput benchmark, CI-sized: the real app in a server process, 4 pages at batch 1 and 2."""
+    out = tmp_path / "throughput.json"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_throughput.py"), "--demo", "--pages", "4",
+           "--batch-sizes", "1,2", "--new-tokens", "6", "--json-out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert json.loads(out.read_text()) == result
+    assert lines[0].startswith("machine:") and "batch" in proc.stdout and "tok/s" in proc.stdout
+    assert "batch 4 / batch 1" in proc.stdout
+    assert result["batch_sizes"] == [1, 2] and result["server_max_batch_size"] == 2
+    for key in ("cpu", "cores", "torch", "device"):
+        assert key in result["machine"], key
+    assert [level["batch_size"] for level in result["levels"]] == [1, 2]
+    for level in result["levels"]:
+        assert set(level) >= {"batch_size", "pages", "wall_s", "pages_per_s", "tok_per_s", "latency_p50_s",
+                              "latency_p95_s", "ttft_p50_s", "max_gap_s", "peak_rss_gib", "all_fixed_length"}
+        assert level["pages"] == 4 and level["new_tokens_total"] == 24 and level["all_fixed_length"] is True
