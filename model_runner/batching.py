@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 import torch
 
-from .decoding import TokenChooser, choose_tokens
+from .decoding import GenerationInputError, TokenChooser, choose_tokens
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +342,7 @@ class BatchEngine:
             if request._wants_stop():
                 self._finish(request, "cancelled")
                 return
+            self._check_capacity(request)
             handle, logits = self.backend.prefill(request.inputs, request.timings)
             request.cache_len = request.prompt_len
             if self._emit([request], logits):  # ended on its first token (or failed)
@@ -353,6 +354,15 @@ class BatchEngine:
             return
         self._active.append(request)
         self.max_rows_seen = max(self.max_rows_seen, len(self._active))
+
+    def _check_capacity(self, request: EngineRequest) -> None:
+        """A backend with a fixed cache per row (``capacity``: the fast path's static cache) takes
+        only requests whose prompt + ``max_new_tokens`` fit in it."""
+        capacity = getattr(self.backend, "capacity", None)
+        if capacity is not None and request.prompt_len + request.max_new_tokens > capacity:
+            raise GenerationInputError(
+                f"prompt ({request.prompt_len} tokens) + max_new_tokens ({request.max_new_tokens}) exceed the "
+                f"{capacity} tokens a request may hold on this server's fast path (lower max_new_tokens)")
 
     def _drop_cancelled(self) -> None:
         leaving = []

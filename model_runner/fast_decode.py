@@ -1,45 +1,43 @@
-"""The fast decoding path: one static KV cache, an eager prefill, a compiled one-token decode step.
+"""The fast decoding path: a batched backend for ``batching.BatchEngine`` with a static KV cache of
+N slots and a compiled one-token decode step.
 
-``StaticDecoder(model, max_cache_len)`` stands in for ``model.generate``: its ``generate(**kwargs)``
-takes the keyword arguments ``ModelRunner.stream`` gives ``model.generate`` and returns the same
-``[1, prompt + new]`` sequences tensor, so the runner only swaps the callable. Inside:
+``StaticDecoder(model, max_cache_len, slots=N)`` has the backend methods the engine drives
+(``prefill``, ``add``, ``step``, ``remove``, ``reset``, ``run_loop``); the engine keeps the
+requests, their token choice and their stop checks. Inside:
 
-- a transformers ``StaticCache`` allocated once, at construction, for ``max_cache_len`` tokens
-  (rounded up to a multiple of ``kv_chunk``) and reset in place between requests;
-- prefill: one eager forward over the prompt (the vision tower runs there, per image, without an
-  N x N mask), filling the cache;
-- decode: ``_decode_step(token) -> logits`` compiled once with
-  ``torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)`` on CUDA (CUDA graphs).
-  Every shape in it is fixed (one token in, ``[1, vocab]`` out, the cache's full length), and the
-  position lives in the cache's own position tensor, so page sizes and prompt lengths never cause
-  a recompile;
-- decode attention (``DECODE_ATTENTION``): the stock SDPA integration, when traced by dynamo,
-  repeats the 2 KV heads to 12 over the whole static cache every layer and step (gigabytes of
-  copies per token at page lengths). Ours reads each cached key and value once: the query heads
-  of a KV head are packed into one small matrix, and the cache is cut into chunks of
-  ``kv_chunk`` positions so that the two batched matrix products run over many chunks in
-  parallel (split-K), with one exact softmax over all chunks. Prefill (several query tokens)
-  goes to the stock SDPA function unchanged;
-- the host side of each step is overlapped with the next step on the GPU: the next step is queued
-  from the token still on the device before the host reads the current token back (through
-  pinned memory and an event), hands it to the streamer and runs the stopping criteria on a CPU
-  id buffer. A run that stops has queued one step too many; its result is dropped;
-- one persistent worker thread runs every prefill and decode (CUDA graphs recorded by
-  ``torch.compile`` belong to the thread that recorded them: a new thread per request would record
-  them again). ``generate`` hands the job to that thread and waits for it.
-
-Sampling uses a small function of our own (``sample_next_token``) rather than transformers'
-logits-processor list: the same order and rules (temperature, then top-k, then top-p keeping at
-least one token, then ``torch.multinomial``), but without the sort when top_p is 1 (the API's
-default request, temperature 0.1 / top_p 1.0, is a sampled one) and with no per-step Python
-objects over the whole input_ids.
-
-Streaming, cancellation and the repetition guard behave as on the plain path: ``streamer.put``
-gets the prompt, then every new token; ``streamer.end()`` is called at the end; the stopping
-criteria are called after every token with ``(input_ids, None)`` (``input_ids`` a view of a CPU
-buffer holding prompt + new tokens; no criterion of the runner reads ``scores``); generation stops
-on either eos id (unless ``ignore_eos``, for benchmarks), on ``max_new_tokens`` or when a
-criterion says so.
+- **The cache.** Per layer one key and one value tensor ``[N, Hkv, max_cache_len, D]``, allocated
+  once at construction (after checking, on CUDA, that they fit in free GPU memory) and never
+  reallocated. Why our own tensors rather than transformers' ``StaticCache``: ``StaticCache``
+  writes every row of a step at the same ``cache_position``, while here each row sits at its own
+  position (pages of different lengths, joined at different steps). The rows of the batch are
+  the first rows of the cache, in the engine's order: row i of a step is slot i. A request that
+  joins takes the next free slot (the first after the batch); one that leaves frees its slot, and
+  the last row of the batch moves into the hole (one copy of that row's filled positions; the
+  rest of the cache is not touched). ``remove`` tells the engine the new order.
+- **Prefill** (one request, batch 1, eager): ``batching.run_prefill`` into a fresh
+  ``DynamicCache``: exactly the plain path's prefill (same kernels, same mask, so the first token
+  is the plain path's), vision tower included. ``add`` copies its keys and values into the slot's
+  rows (prompt-length positions, once per request; small against the prefill itself).
+- **Decode step**: one token per row through the LLM, each row at its own position. The step runs
+  on a *batch bucket* (1, 2, 4, 8, 16 ... up to N: the active rows padded up to the next bucket;
+  pad rows are free slots, writing at their position 0, which nothing reads before a prefill
+  overwrites it) and on a *KV-length bucket* (powers of two from ``kv_chunk`` up to the cache
+  length): attention reads only the first ``bucket`` positions of each row, and a mask hides each
+  row's positions beyond its own length. So a step costs in proportion to the tokens the rows
+  hold, not to the cache's capacity. With ``compile``, the step is one ``torch.compile``d
+  function (``fullgraph``; on CUDA ``mode="reduce-overhead"``: CUDA graphs). The KV length is a
+  dynamic dimension (one compiled graph serves every length bucket; CUDA graphs are recorded per
+  (batch, length) pair), the batch bucket a static one. ``warmup()`` runs every pair, so that
+  nothing compiles or records in steady state (``dynamo_compile_count()`` checks it).
+- **Decode attention** (``decode_attention``): the stock SDPA integration, when traced by dynamo,
+  repeats the 2 KV heads to 12 over the whole cache every layer and step. Ours reads each cached
+  key and value once: the query heads of a KV head are packed into one small matrix, and the KV
+  length is cut into chunks of ``kv_chunk`` positions so that the two batched matrix products run
+  over many chunks in parallel (split-K), with one exact softmax over all chunks. Its score
+  precision is per decoder (``score_precision``; passed down with the step's keyword arguments).
+- **One persistent thread** (``run_loop``) runs the engine's loop and the warm-up: CUDA graphs
+  recorded by ``torch.compile`` belong to the thread that recorded them, so a new thread per busy
+  period would record them again.
 """
 from __future__ import annotations
 
@@ -49,18 +47,22 @@ import queue
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+
+from .batching import run_prefill
 
 log = logging.getLogger(__name__)
 
 DECODE_ATTENTION = "dots_static_decode"
 DEFAULT_KV_CHUNK = 512
+SCORE_PRECISIONS = ("native", "fp32_out", "emulate")
+DEFAULT_MEMORY_RESERVE_GIB = 4.0
 
-__all__ = ["StaticDecoder", "DECODE_ATTENTION", "sample_next_token", "decode_attention",
-           "register_decode_attention", "dynamo_compile_count"]
+__all__ = ["StaticDecoder", "DECODE_ATTENTION", "SCORE_PRECISIONS", "decode_attention", "register_decode_attention",
+           "dynamo_compile_count", "batch_buckets", "kv_buckets", "slots_that_fit", "default_max_cache_len",
+           "fp32_out_supported"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,11 +73,17 @@ __all__ = ["StaticDecoder", "DECODE_ATTENTION", "sample_next_token", "decode_att
 def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0,
                      scaling: float | None = None, kv_chunk: int = DEFAULT_KV_CHUNK,
-                     **kwargs) -> tuple[torch.Tensor, None]:
+                     score_precision: str = "native", **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function. query [B, Hq, Q, D], key/value [B, Hkv, L, D],
     attention_mask [B, 1, Q, L] (bool: True = attend, or additive float) or None.
-    Returns ([B, Q, Hq, D], None) like the stock functions."""
-    if query.shape[2] != 1:  # prefill: the stock SDPA path (flash with is_causal on an empty cache)
+    Returns ([B, Q, Hq, D], None) like the stock functions.
+
+    ``score_precision``: how the two matrix products produce float32 scores and sums:
+      "native"    in the input dtype, then upcast (float32 models; or where the next is unsupported)
+      "fp32_out"  ``torch.bmm(..., out_dtype=torch.float32)``: half inputs, float32 accumulate and
+                  result (CUDA), so that bf16 scores are not rounded to bf16 as in eager attention
+      "emulate"   float32 copies of the inputs (tests of the "fp32_out" layout on CPU)"""
+    if query.shape[2] != 1:  # several query tokens (a prefill): the stock SDPA function
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -84,16 +92,16 @@ def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     kv_heads, length = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     scale = scaling if scaling is not None else head_dim ** -0.5
-    chunk = kv_chunk if (kv_chunk and length > kv_chunk and length % kv_chunk == 0) else length
+    chunk = kv_chunk if (kv_chunk and length >= kv_chunk and length % kv_chunk == 0) else length
     chunks = length // chunk
 
     q = query.reshape(batch, kv_heads, 1, group, head_dim)  # heads kv*group + j -> (kv, j)
-    k = key.reshape(batch, kv_heads, chunks, chunk, head_dim)
-    v = value.reshape(batch, kv_heads, chunks, chunk, head_dim)
-    f32_out = SCORE_PRECISION["mode"] != "native"
+    k = key.unflatten(2, (chunks, chunk))  # a view (unlike reshape, no contiguity check on a narrowed cache)
+    v = value.unflatten(2, (chunks, chunk))
+    f32_out = score_precision != "native"
     if f32_out:  # float32 results straight from half inputs: no rounding of scores / partial sums
         qb = q.expand(batch, kv_heads, chunks, group, head_dim).reshape(-1, group, head_dim)
-        scores = _bmm_float32(qb, k.reshape(-1, chunk, head_dim).transpose(1, 2))
+        scores = _bmm_float32(qb, k.reshape(-1, chunk, head_dim).transpose(1, 2), score_precision)
         scores = scores.view(batch, kv_heads, chunks, group, chunk) * scale
     else:
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, Hkv, C, G, chunk]
@@ -107,7 +115,8 @@ def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     weights = torch.exp(scores - peak)
     total = weights.sum(dim=(2, 4), keepdim=True)  # [B, Hkv, 1, G, 1]
     if f32_out:
-        out = _bmm_float32(weights.to(value.dtype).reshape(-1, group, chunk), v.reshape(-1, chunk, head_dim))
+        out = _bmm_float32(weights.to(value.dtype).reshape(-1, group, chunk), v.reshape(-1, chunk, head_dim),
+                           score_precision)
         out = out.view(batch, kv_heads, chunks, group, head_dim)
     else:
         out = torch.matmul(weights.to(value.dtype), v).float()  # [B, Hkv, C, G, D]
@@ -115,16 +124,8 @@ def decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     return out.to(query.dtype).reshape(batch, 1, q_heads, head_dim), None
 
 
-# How the decode attention's two matrix products produce float32 (set by StaticDecoder):
-#   "native"    in the input dtype, then upcast (float32 models; or where the next is unsupported)
-#   "fp32_out"  torch.bmm(..., out_dtype=torch.float32): half inputs, float32 accumulate and result
-#               (CUDA), so that bf16 scores are not rounded to bf16 as in eager attention
-#   "emulate"   float32 copies of the inputs (tests of the "fp32_out" layout on CPU)
-SCORE_PRECISION = {"mode": "native"}
-
-
-def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if SCORE_PRECISION["mode"] == "fp32_out":
+def _bmm_float32(a: torch.Tensor, b: torch.Tensor, score_precision: str) -> torch.Tensor:
+    if score_precision == "fp32_out":
         return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a.float(), b.float())
 
@@ -160,33 +161,7 @@ def register_decode_attention() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Token selection
-# ---------------------------------------------------------------------------------------------
-
-
-def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                      top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One sampled token per row of ``logits`` [B, V] (float32): temperature, then top-k, then
-    nucleus (top-p; the smallest set of most likely tokens whose probability reaches top_p, at
-    least one token), then ``torch.multinomial``. The same rules, in the same order, as transformers'
-    warpers. Returns [B] long."""
-    scores = logits / temperature if temperature not in (None, 1.0) else logits
-    vocab = scores.shape[-1]
-    if top_k and 0 < top_k < vocab:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        ascending, order = torch.sort(scores, dim=-1)
-        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1.0 - top_p)
-        drop[..., -1:] = False  # always keep the most likely token
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
+# Sizes: buckets, memory, cache length
 # ---------------------------------------------------------------------------------------------
 
 
@@ -197,12 +172,57 @@ def dynamo_compile_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def batch_buckets(slots: int) -> tuple[int, ...]:
+    """Batch sizes the decode step is compiled for: powers of two below ``slots``, then ``slots``."""
+    sizes, size = [], 1
+    while size < slots:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes + [int(slots)])
+
+
+def kv_buckets(max_cache_len: int, kv_chunk: int) -> tuple[int, ...]:
+    """KV lengths a step attends over: ``kv_chunk`` times 2, 4, 8 ... (256, 512 ... without
+    chunking) below ``max_cache_len``, then ``max_cache_len``. At least two chunks: a compiled
+    step sees the chunk count as a dynamic size, and dynamo gives a size of 1 a graph of its own."""
+    sizes, size = [], 2 * max(1, kv_chunk or 128)
+    while size < max_cache_len:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes + [int(max_cache_len)])
+
+
+def slots_that_fit(bytes_per_slot: int, free_bytes: int, reserve_bytes: int) -> int:
+    """How many cache slots fit in ``free_bytes`` while leaving ``reserve_bytes`` free."""
+    return max(0, int((free_bytes - reserve_bytes) // bytes_per_slot))
+
+
+def default_max_cache_len(max_pixels: int, patch_size: int = 14, merge_size: int = 2,
+                          max_new_tokens: int = 24000, text_allowance: int = 1024) -> int:
+    """Cache length for the largest page: image tokens at ``max_pixels`` + prompt text + new tokens."""
+    image_tokens = max_pixels // (patch_size * merge_size) ** 2
+    return int(image_tokens + text_allowance + max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# The persistent thread
+# ---------------------------------------------------------------------------------------------
+
+
 class _Job:
+    """A function queued on the worker; also the engine's loop handle (``is_alive``, ``join``)."""
+
     def __init__(self, fn: Callable[[], Any]):
         self.fn = fn
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+
+    def is_alive(self) -> bool:
+        return not self.done.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.done.wait(timeout)
 
 
 class _Worker:
@@ -220,18 +240,23 @@ class _Worker:
                 return
             try:
                 job.result = job.fn()
-            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+            except BaseException as exc:  # noqa: BLE001 - handed back to whoever waits for it
                 job.error = exc
             finally:
                 job.done.set()
 
-    def run(self, fn: Callable[[], Any]) -> Any:
-        if threading.current_thread() is self._thread:
-            return fn()
+    def submit(self, fn: Callable[[], Any]) -> _Job:
         if not self._thread.is_alive():
             raise RuntimeError("the fast-decode worker thread has stopped")
         job = _Job(fn)
         self._jobs.put(job)
+        return job
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the worker and wait for its result (at once when already on it)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        job = self.submit(fn)
         job.done.wait()
         if job.error is not None:
             raise job.error
@@ -243,49 +268,28 @@ class _Worker:
             self._thread.join(timeout)
 
 
-class _TokenReader:
-    """Reads device tokens back to the host. On CUDA: an asynchronous copy into pinned memory and
-    an event per slot, so that the host waits only for the step that made the token."""
-
-    def __init__(self, device: torch.device, slots: int = 2):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self._host = torch.zeros(slots, dtype=torch.long, pin_memory=True)
-            self._events = [torch.cuda.Event() for _ in range(slots)]
-        self._slots = slots
-        self._values: list[torch.Tensor | None] = [None] * slots
-
-    def start(self, slot: int, token: torch.Tensor) -> None:
-        slot %= self._slots
-        if self.cuda:
-            self._host[slot:slot + 1].copy_(token.reshape(1), non_blocking=True)
-            self._events[slot].record()
-        else:
-            self._values[slot] = token
-
-    def read(self, slot: int) -> int:
-        slot %= self._slots
-        if self.cuda:
-            self._events[slot].synchronize()
-            return int(self._host[slot])
-        return int(self._values[slot].reshape(()))
+# ---------------------------------------------------------------------------------------------
+# The cache as the LLM sees it during one step
+# ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Request:
-    input_ids: torch.Tensor
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-    max_new_tokens: int
-    streamer: Any
-    criteria: Any
-    do_sample: bool
-    temperature: float
-    top_p: float
-    top_k: int
-    ignore_eos: bool
-    min_new_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)
+class _StepCache:
+    """What the LLM's attention layers get as their KV cache during one decode step: ``update``
+    writes row i's new key/value at ``positions[i]`` of slot i and returns the first
+    ``kv_len`` positions of the step's rows (views of the static tensors, no copy)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor,
+                 kv_len: int):
+        self.keys, self.values, self.positions, self.kv_len = keys, values, positions, kv_len
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        rows = key_states.shape[0]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]  # [N, Hkv, max_len, D]
+        index = torch.arange(rows, device=keys.device)
+        keys[index, :, self.positions] = key_states[:, :, 0]  # [rows, Hkv, D] at (row, :, its position)
+        values[index, :, self.positions] = value_states[:, :, 0]
+        # narrow, not a slice: a slice whose end may equal the length would make dynamo specialise
+        return keys[:rows].narrow(2, 0, self.kv_len), values[:rows].narrow(2, 0, self.kv_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,57 +298,73 @@ class _Request:
 
 
 class StaticDecoder:
-    """A drop-in for ``model.generate`` (batch 1) with a static KV cache and a compiled decode step.
+    """A batched decoding backend with a static KV cache of ``slots`` rows and a compiled decode step
+    (see the module docstring).
 
     Args:
         model: a loaded ``DotsOCRForCausalLM`` (eval mode) on its device.
-        max_cache_len: the longest prompt + new tokens a request may need; the cache is allocated
-            once for it (rounded up to a multiple of ``kv_chunk``). A request that does not fit
-            runs on plain ``model.generate`` instead (logged).
-        compile: compile the decode step (``torch.compile``, fullgraph, fixed shapes). False: the
-            same code, eager.
+        max_cache_len: the longest prompt + new tokens one request may need; every slot holds that
+            many positions (rounded up to a multiple of ``kv_chunk``). The engine refuses a request
+            that would not fit (``capacity``).
+        slots: how many requests decode together (the runner's ``max_batch_size``).
+        compile: compile the decode step (``torch.compile``, fullgraph). False: the same code, eager.
         backend / mode: ``torch.compile`` backend and mode. Defaults: "inductor" with
             "reduce-overhead" (CUDA graphs) on CUDA; "eager" (dynamo capture only, no code
             generation) elsewhere, e.g. for CPU tests. "aot_eager" also works on CPU.
-        kv_chunk: decode-attention chunk length (see the module docstring).
-        score_precision: ``SCORE_PRECISION`` mode of the decode attention; default "fp32_out" where
-            supported (bf16/fp16 on CUDA), else "native". A compile that fails with "fp32_out" is
-            retried once with "native" (logged).
+        kv_chunk: decode-attention chunk length and the smallest KV-length bucket.
+        score_precision: see ``decode_attention``; default "fp32_out" where supported (bf16/fp16 on
+            CUDA), else "native". A compile that fails with "fp32_out" is retried once with "native".
+        batch_sizes: the batch buckets (default ``batch_buckets(slots)``).
+        memory_reserve_gib: on CUDA, GPU memory that must stay free after the cache is allocated
+            (prefill and vision activations, CUDA-graph pools).
     """
 
-    def __init__(self, model, max_cache_len: int, compile: bool = True, *, backend: str | None = None,
-                 mode: str | None = None, kv_chunk: int = DEFAULT_KV_CHUNK, score_precision: str | None = None):
-        from transformers import StaticCache
-
+    def __init__(self, model, max_cache_len: int, slots: int = 1, compile: bool = True, *,
+                 backend: str | None = None, mode: str | None = None, kv_chunk: int = DEFAULT_KV_CHUNK,
+                 score_precision: str | None = None, batch_sizes: Sequence[int] | None = None,
+                 memory_reserve_gib: float = DEFAULT_MEMORY_RESERVE_GIB):
         if max_cache_len < 2:
             raise ValueError("max_cache_len must be at least 2")
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
         self.model = model
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
+        self.slots = int(slots)
         self.kv_chunk = int(kv_chunk)
         if self.kv_chunk > 0 and max_cache_len > self.kv_chunk:
             max_cache_len = -(-max_cache_len // self.kv_chunk) * self.kv_chunk
         self.max_cache_len = int(max_cache_len)
+        self.batch_buckets = tuple(sorted(set(batch_sizes))) if batch_sizes else batch_buckets(self.slots)
+        if self.batch_buckets[-1] < self.slots or self.batch_buckets[0] < 1:
+            raise ValueError(f"batch_sizes {self.batch_buckets} must be positive and reach slots ({self.slots})")
+        self.kv_buckets = kv_buckets(self.max_cache_len, self.kv_chunk)
 
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.cache = StaticCache(config=config, max_cache_len=self.max_cache_len)
-        self.cache.early_initialization(batch_size=1, num_heads=config.num_key_value_heads, head_dim=head_dim,
-                                        dtype=self.dtype, device=self.device)
+        # one spare chunk of positions past the last bucket, never read: a view of a row that
+        # spanned the whole tensor would be contiguous, the others not, and dynamo would compile
+        # the last KV bucket apart
+        shape = (self.slots, config.num_key_value_heads, self.max_cache_len + max(1, self.kv_chunk), head_dim)
+        self.bytes_per_slot = 2 * config.num_hidden_layers * shape[1] * shape[2] * shape[3] * self.dtype.itemsize
+        if self.device.type == "cuda":
+            self._check_memory(memory_reserve_gib)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        for tensor in self.keys + self.values:  # fixed addresses: CUDA graphs may mutate them in place
+            torch._dynamo.mark_static_address(tensor)
+        self._span = torch.arange(self.max_cache_len, device=self.device)
+        self.lengths: list[int] = []  # tokens held by each row of the batch (host side)
+
         register_decode_attention()
         # the LLM's name for its KV cache argument: `past_key_values` up to transformers 5.23, `cache` after
         llm_forward = inspect.signature(type(model.model).forward).parameters
         self._cache_arg = "cache" if "cache" in llm_forward else "past_key_values"
         if score_precision is None:
             score_precision = "fp32_out" if fp32_out_supported(self.device, self.dtype) else "native"
-        if score_precision not in ("native", "fp32_out", "emulate"):
+        if score_precision not in SCORE_PRECISIONS:
             raise ValueError(f"unknown score_precision {score_precision!r}")
-        self.score_precision = SCORE_PRECISION["mode"] = score_precision
-
-        eos = model.generation_config.eos_token_id
-        eos = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
-        self.eos_ids = sorted({int(e) for e in eos})
-        self._eos_tensor = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
+        self.score_precision = score_precision
 
         self.compiled = bool(compile)
         if backend is None:
@@ -353,26 +373,48 @@ class StaticDecoder:
             mode = "reduce-overhead"
         self.backend, self.mode = (backend, mode) if compile else (None, None)
         self._cudagraphs = bool(compile) and self.device.type == "cuda" and mode == "reduce-overhead"
-        self._compile_options = {"backend": backend, "fullgraph": True, "dynamic": False}
+        # dynamic=None: only the dimension marked dynamic (the KV length) is; the batch stays static
+        self._compile_options = {"backend": backend, "fullgraph": True, "dynamic": None}
         if mode is not None:
             self._compile_options["mode"] = mode
-        self._step = torch.compile(self._decode_step, **self._compile_options) if compile else self._decode_step
+        self._step = self._compile() if compile else self._decode_step
 
-        self._ids = torch.zeros(1, self.max_cache_len, dtype=torch.long)  # prompt + new tokens (host)
-        self._reader = _TokenReader(self.device)
         self._worker = _Worker("dots-ocr-fast-decode")
-        self._lock = threading.Lock()
         self.warmed_up = False
         self.warmup_seconds: float | None = None
-        self.last_timings: dict[str, float] = {}
-        self.fallbacks = 0
+        self.steps = 0
 
-    # -- the compiled step ------------------------------------------------------------------
+    def _check_memory(self, reserve_gib: float) -> None:
+        free, _total = torch.cuda.mem_get_info(self.device)
+        reserve = int(reserve_gib * 2**30)
+        fit = slots_that_fit(self.bytes_per_slot, free, reserve)
+        if fit < self.slots:
+            raise RuntimeError(
+                f"the fast path's KV cache does not fit: {self.slots} slots of {self.max_cache_len} tokens need "
+                f"{self.slots * self.bytes_per_slot / 2**30:.1f} GiB ({self.bytes_per_slot / 2**30:.2f} GiB a slot), "
+                f"but {free / 2**30:.1f} GiB of GPU memory is free and {reserve_gib:.1f} GiB must stay free for "
+                f"activations: {fit} slot{'s' if fit != 1 else ''} would fit. Lower --max-batch-size to {fit} "
+                f"(or --max-new-tokens-limit).")
 
-    def _decode_step(self, token: torch.Tensor) -> torch.Tensor:
-        """token [1, 1] long -> next-token logits [1, vocab] float32. Position = the cache length."""
-        out = self.model.model(input_ids=token, use_cache=True, **{self._cache_arg: self.cache})
-        logits = self.model.lm_head(out.last_hidden_state)  # [1, 1, vocab], as in the model's forward
+    def _compile(self):
+        return torch.compile(self._decode_step, **self._compile_options)
+
+    # -- the (compiled) step ------------------------------------------------------------------
+
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens [B, 1] long, positions [B] long (row i = slot i), mask [B, C, chunk] bool (the KV
+        bucket as C chunks; True where row i attends) -> next-token logits [B, vocab] float32.
+
+        The mask comes in chunks so that the KV length is C * chunk with C the dynamic size: the
+        decode attention's split into chunks is then exact for dynamo (a length that is only
+        known to divide by the chunk would make it specialise on every length)."""
+        mask = mask.flatten(1)  # [B, K]
+        cache = _StepCache(self.keys, self.values, positions, mask.shape[1])
+        out = self.model.model(input_ids=tokens, position_ids=positions.unsqueeze(1),
+                               attention_mask={"full_attention": mask[:, None, None, :]}, use_cache=True,
+                               kv_chunk=self.kv_chunk, score_precision=self.score_precision,
+                               **{self._cache_arg: cache})
+        logits = self.model.lm_head(out.last_hidden_state)  # [B, 1, vocab], as in the model's forward
         return logits[:, -1, :].float()
 
     @contextmanager
@@ -385,76 +427,116 @@ class StaticDecoder:
         finally:
             config._attn_implementation = {"": previous}
 
-    # -- public API -------------------------------------------------------------------------
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One step over ``tokens.shape[0]`` rows (a batch bucket) attending ``kv_len`` positions."""
+        chunk = self.kv_chunk if self.kv_chunk and kv_len % self.kv_chunk == 0 else kv_len
+        mask = (self._span[:kv_len].unsqueeze(0) <= positions.unsqueeze(1)).view(-1, kv_len // chunk, chunk)
+        if self.compiled:  # the chunk count is dynamic, the batch bucket static (one graph per bucket)
+            torch._dynamo.maybe_mark_dynamic(mask, 1)
+            for tensor in (tokens, positions, mask):
+                torch._dynamo.mark_static(tensor, 0)
+        with self._decode_attention():
+            if self._cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self._step(tokens, positions, mask)
+        return logits.clone() if self._cudagraphs else logits  # a CUDA-graph output is overwritten next step
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                 max_new_tokens: int = 20, streamer=None, stopping_criteria: Iterable | None = None,
-                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, pad_token_id: int | None = None, *, ignore_eos: bool = False,
-                 min_new_tokens: int = 0, mm_token_type_ids=None, **unsupported) -> torch.Tensor:
-        """Like ``model.generate`` for one sequence; returns [1, prompt + new] on the input's device.
+    # -- the backend interface (on the loop's thread) -----------------------------------------------
 
-        Extras: ``ignore_eos`` (eos does not stop generation; for fixed-length benchmarks) and
-        ``min_new_tokens`` (eos is masked out before that many new tokens, as in generate)."""
-        if unsupported:
-            raise TypeError(f"StaticDecoder.generate got unsupported arguments: {sorted(unsupported)}")
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"StaticDecoder is batch 1 only; got input_ids {tuple(input_ids.shape)}")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("StaticDecoder does not support padding (attention_mask must be all ones)")
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        prompt = int(input_ids.shape[1])
-        if prompt + max_new_tokens > self.max_cache_len:
-            self.fallbacks += 1
-            log.warning("prompt %d + max_new_tokens %d exceed the static cache (%d): plain generate",
-                        prompt, max_new_tokens, self.max_cache_len)
-            kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                          image_grid_thw=image_grid_thw, max_new_tokens=max_new_tokens, streamer=streamer,
-                          stopping_criteria=stopping_criteria, do_sample=do_sample, temperature=temperature,
-                          top_p=top_p, top_k=top_k, pad_token_id=pad_token_id)
-            if ignore_eos:  # the nearest plain equivalent: eos masked until the last token
-                min_new_tokens = max_new_tokens
-            if min_new_tokens:
-                kwargs["min_new_tokens"] = min_new_tokens
-            if mm_token_type_ids is not None:
-                kwargs["mm_token_type_ids"] = mm_token_type_ids
-            with torch.inference_mode():
-                return self.model.generate(**kwargs)
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
 
-        gen = self.model.generation_config
-        if do_sample:
-            temperature = gen.temperature if temperature is None else temperature
-            top_p = gen.top_p if top_p is None else top_p
-            top_k = gen.top_k if top_k is None else top_k
-        request = _Request(
-            input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-            max_new_tokens=int(max_new_tokens), streamer=streamer,
-            criteria=list(stopping_criteria) if stopping_criteria is not None else [],
-            do_sample=bool(do_sample), temperature=float(temperature if temperature is not None else 1.0),
-            top_p=float(top_p if top_p is not None else 1.0), top_k=int(top_k or 0),
-            ignore_eos=bool(ignore_eos), min_new_tokens=int(min_new_tokens or 0))
-        if request.do_sample and request.temperature <= 0:
-            raise ValueError("temperature must be positive when sampling")
-        with self._lock:  # one generation at a time
-            return self._worker.run(lambda: self._run(request))
+    @property
+    def capacity(self) -> int:
+        """Prompt + new tokens one request may reach (the engine checks it at admission)."""
+        return self.max_cache_len
 
-    def warmup(self, grids: Sequence[tuple[int, int]] = ((4, 4),), new_tokens: int = 8,
+    def run_loop(self, fn: Callable[[], None]) -> _Job:
+        """Run the engine's loop on the persistent thread (see the module docstring)."""
+        return self._worker.submit(fn)
+
+    def prefill(self, inputs: dict[str, torch.Tensor], timings: dict[str, float]):
+        """One request's vision tower + prefill (batch 1, eager); (handle for ``add``, logits [1, V])."""
+        from transformers import DynamicCache
+
+        length = int(inputs["input_ids"].shape[1])
+        if length >= self.max_cache_len:
+            raise ValueError(f"a prompt of {length} tokens does not fit the fast path's cache "
+                             f"({self.max_cache_len} tokens)")
+        cache = DynamicCache(config=self.model.config)
+        logits = run_prefill(self.model, inputs, cache, timings)
+        return (cache, length), logits
+
+    def add(self, handle) -> None:
+        """The prefilled request takes the next free slot: the batch's new last row."""
+        cache, length = handle
+        row = self.rows
+        if row >= self.slots:
+            raise RuntimeError(f"all {self.slots} slots of the fast path are taken")
+        for layer, keys, values in zip(cache.layers, self.keys, self.values):
+            keys[row, :, :length].copy_(layer.keys[0])
+            values[row, :, :length].copy_(layer.values[0])
+        self.lengths.append(length)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [b, 1] long, positions [b] long (each row's own) -> logits [b, V] float32."""
+        rows = tokens.shape[0]
+        if rows != self.rows:
+            raise RuntimeError(f"a step of {rows} rows on a batch of {self.rows}")
+        needed = max(self.lengths) + 1
+        if needed > self.max_cache_len:
+            raise RuntimeError(f"a row would pass the end of the static cache ({self.max_cache_len} tokens)")
+        bucket = next(b for b in self.batch_buckets if b >= rows)
+        kv_len = next(k for k in self.kv_buckets if k >= needed)
+        if bucket > rows:  # pad rows: free slots, position 0 (see the module docstring)
+            tokens = torch.cat([tokens, tokens.new_zeros(bucket - rows, 1)])
+            positions = torch.cat([positions, positions.new_zeros(bucket - rows)])
+        logits = self._forward(tokens, positions, kv_len)
+        self.lengths = [n + 1 for n in self.lengths]
+        self.steps += 1
+        return logits[:rows]
+
+    def remove(self, rows: list[int]) -> list[int]:
+        """Free these rows' slots; the last rows move into the holes. Returns the old indices of
+        the remaining rows, in their new order."""
+        leaving = set(rows)
+        count = self.rows - len(leaving)
+        order = list(range(self.rows))
+        holes = sorted(i for i in leaving if i < count)
+        movers = [i for i in range(count, self.rows) if i not in leaving]
+        for hole, mover in zip(holes, movers):
+            filled = self.lengths[mover]
+            for keys, values in zip(self.keys, self.values):
+                keys[hole, :, :filled].copy_(keys[mover, :, :filled])
+                values[hole, :, :filled].copy_(values[mover, :, :filled])
+            order[hole] = mover
+            self.lengths[hole] = filled
+        self.lengths = self.lengths[:count]
+        return order[:count]
+
+    def reset(self) -> None:
+        """Every slot free (the tensors stay; what they hold is overwritten before it is read)."""
+        self.lengths = []
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def warmup(self, grids: Sequence[tuple[int, int]] = ((4, 4),), new_tokens: int = 3,
                text_tokens: int = 12) -> float:
-        """Compile and record the decode step (greedy and sampled runs over small dummy prompts with
-        one image each, ``grids`` in patches), so that no request pays for it. Returns seconds."""
+        """On the persistent thread: one dummy request per image grid (vision tower, prefill, a few
+        steps) and, when compiled, every (batch bucket, KV bucket) pair, so that no request pays
+        for a compile or a CUDA-graph recording. Returns seconds."""
         start = time.perf_counter()
         try:
-            self._warmup_runs(grids, new_tokens, text_tokens)
+            self._worker.run(lambda: self._warmup_runs(grids, new_tokens, text_tokens))
         except Exception:
             if not (self.compiled and self.score_precision == "fp32_out"):
                 raise
             log.exception("compiling the decode step with float32-output matmuls failed; retrying with native ones")
-            self.score_precision = SCORE_PRECISION["mode"] = "native"
+            self.score_precision = "native"
             torch._dynamo.reset()
-            self._step = torch.compile(self._decode_step, **self._compile_options)
-            self._warmup_runs(grids, new_tokens, text_tokens)
+            self._step = self._compile()
+            self._worker.run(lambda: self._warmup_runs(grids, new_tokens, text_tokens))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warmed_up = True
@@ -462,12 +544,27 @@ class StaticDecoder:
         return self.warmup_seconds
 
     def _warmup_runs(self, grids, new_tokens: int, text_tokens: int) -> None:
-        for grid in grids:
-            ids, pixels, thw = self.dummy_inputs(grid, text_tokens)
-            for sampled in (False, True):
-                self.generate(input_ids=ids, pixel_values=pixels, image_grid_thw=thw, max_new_tokens=new_tokens,
-                              do_sample=sampled, temperature=0.7 if sampled else None,
-                              top_p=0.9 if sampled else None, top_k=0 if sampled else None, ignore_eos=True)
+        self.reset()
+        try:
+            with torch.inference_mode():
+                for grid in grids:
+                    ids, pixels, thw = self.dummy_inputs(grid, text_tokens)
+                    handle, _ = self.prefill({"input_ids": ids, "pixel_values": pixels, "image_grid_thw": thw}, {})
+                    self.add(handle)
+                    token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+                    for _ in range(new_tokens):
+                        self.step(token, torch.tensor([self.lengths[0]], device=self.device))
+                    self.remove([0])
+                if self.compiled:  # each pair: a warm-up run, a recording, a replay (CUDA graphs)
+                    for bucket in self.batch_buckets:
+                        tokens = torch.zeros(bucket, 1, dtype=torch.long, device=self.device)
+                        for kv_len in self.kv_buckets:
+                            positions = torch.zeros(bucket, dtype=torch.long, device=self.device)
+                            positions[0] = kv_len - 1
+                            for _ in range(3):
+                                self._forward(tokens, positions, kv_len)
+        finally:
+            self.reset()
 
     def dummy_inputs(self, grid: tuple[int, int], text_tokens: int = 12):
         """(input_ids [1, L], pixel_values [h*w, C*T*p*p], image_grid_thw [[1, h, w]]) for a
@@ -478,8 +575,10 @@ class StaticDecoder:
         if h % merge or w % merge:
             raise ValueError(f"grid sides must be multiples of {merge}")
         image_tokens = (h // merge) * (w // merge)
-        special = set(self.eos_ids) | {int(self.model.config.image_token_id),
-                                       int(getattr(self.model.config, "video_token_id", -1))}
+        eos = self.model.generation_config.eos_token_id
+        eos = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
+        special = {int(e) for e in eos} | {int(self.model.config.image_token_id),
+                                           int(getattr(self.model.config, "video_token_id", -1))}
         text = [t for t in range(1, text_tokens + len(special) + 1) if t not in special][:text_tokens]
         half = len(text) // 2
         ids = text[:half] + [int(self.model.config.image_token_id)] * image_tokens + text[half:]
@@ -492,87 +591,3 @@ class StaticDecoder:
     def close(self) -> None:
         """Stop the worker thread (after the job in hand). The decoder cannot be used afterwards."""
         self._worker.stop()
-
-    # -- one generation (on the worker thread) ---------------------------------------------
-
-    def _select(self, logits: torch.Tensor, request: _Request, produced: int) -> torch.Tensor:
-        if produced < request.min_new_tokens and self.eos_ids:
-            logits = logits.index_fill(-1, self._eos_tensor, float("-inf"))
-        if not request.do_sample:
-            return logits.argmax(dim=-1)
-        return sample_next_token(logits, request.temperature, request.top_p, request.top_k)
-
-    def _queue_step(self, token: torch.Tensor, r: _Request, produced: int) -> torch.Tensor | None:
-        """Queue the decode step after token number ``produced`` (0-based) and the choice of the
-        next token; start reading it back. None when no further token may be produced."""
-        if produced + 1 >= r.max_new_tokens:
-            return None
-        if self._cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        logits = self._step(token.reshape(1, 1))
-        next_token = self._select(logits, r, produced + 1)
-        self._reader.start(produced + 1, next_token)
-        return next_token
-
-    def _run(self, request: _Request) -> torch.Tensor:
-        with torch.inference_mode(), self._decode_attention():
-            return self._generate(request)
-
-    def _generate(self, r: _Request) -> torch.Tensor:
-        t0 = time.perf_counter()
-        prompt = int(r.input_ids.shape[1])
-        ids = self._ids
-        ids[0, :prompt].copy_(r.input_ids[0].to("cpu"))
-        if r.streamer is not None:
-            r.streamer.put(ids[:, :prompt].clone())
-        self.cache.reset()
-
-        # prefill: eager, the vision tower inside (images only while the cache is empty)
-        out = self.model(input_ids=r.input_ids.to(self.device), pixel_values=r.pixel_values,
-                         image_grid_thw=r.image_grid_thw, past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1)
-        token = self._select(out.logits[:, -1, :].float(), r, 0)
-        del out
-        reader = self._reader
-        reader.start(0, token)
-
-        eos = set() if r.ignore_eos else set(self.eos_ids)
-        produced = 0
-        t_first = None
-        pipelined = reader.cuda  # on CUDA the next step runs while the host handles this token
-        next_token = None
-        while True:
-            if pipelined:
-                next_token = self._queue_step(token, r, produced)
-            value = reader.read(produced)
-            if t_first is None:
-                t_first = time.perf_counter()
-            ids[0, prompt + produced] = value
-            produced += 1
-            if r.streamer is not None:
-                r.streamer.put(torch.tensor([value]))
-            stop = False
-            if r.criteria:  # every criterion, every step (the repetition guard keeps state)
-                for criterion in r.criteria:
-                    if bool(criterion(ids[:, :prompt + produced], None).any()):
-                        stop = True
-            if value in eos or produced >= r.max_new_tokens or stop:
-                break
-            token = next_token if pipelined else self._queue_step(token, r, produced - 1)
-        t_end = time.perf_counter()
-        if r.streamer is not None:
-            r.streamer.end()
-        self.last_timings = {
-            "prefill_s": t_first - t0,  # prompt in -> first new token on the host (vision included)
-            "decode_s": t_end - t_first,  # the other produced - 1 tokens
-            "new_tokens": float(produced),
-            "decode_tok_s": (produced - 1) / (t_end - t_first) if produced > 1 and t_end > t_first else 0.0,
-        }
-        return ids[:, :prompt + produced].clone().to(r.input_ids.device)
-
-
-def default_max_cache_len(max_pixels: int, patch_size: int = 14, merge_size: int = 2,
-                          max_new_tokens: int = 24000, text_allowance: int = 1024) -> int:
-    """Cache length for the largest page: image tokens at ``max_pixels`` + prompt text + new tokens."""
-    image_tokens = max_pixels // (patch_size * merge_size) ** 2
-    return int(image_tokens + text_allowance + max_new_tokens)

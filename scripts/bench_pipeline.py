@@ -210,56 +210,86 @@ def build_random_full_size(device: torch.device, dtype: torch.dtype, llm_attn: s
     return model, folder
 
 
-class FixedLengthFast:
-    """Runner hook: the fast path with eos ignored (exactly ``max_new_tokens`` tokens)."""
+class InstantBackend:
+    """A decoding backend (the ``BatchEngine`` interface) with no model time: its "prefill" makes eos
+    certain, so that every request ends on its first token. With it, a request costs exactly the
+    server's HTTP and image path plus ``prepare``."""
 
-    def __init__(self, decoder):
-        self.decoder = decoder
+    def __init__(self, eos_id: int, vocab_size: int, device):
+        self.logits = torch.full((1, vocab_size), -1e4, device=device)
+        self.logits[0, int(eos_id)] = 1e4
 
-    def generate(self, **kwargs):
-        return self.decoder.generate(**kwargs, ignore_eos=True)
+    def prefill(self, inputs, timings):
+        timings["vision_s"] = timings["prefill_s"] = 0.0
+        return None, self.logits.clone()
+
+    def add(self, handle):
+        raise RuntimeError("an instant request ends at its first token")
+
+    def step(self, tokens, positions):
+        raise RuntimeError("an instant request ends at its first token")
+
+    def remove(self, rows):
+        return []
+
+    def reset(self):
+        pass
 
 
-class InstantGenerate:
-    """Runner hook with no model time: the prompt and one eos token go through the streamer at
-    once. With it, a request costs exactly the server's HTTP and image path plus ``prepare``."""
+def instant_runner(runner):
+    """A runner on ``runner``'s model and processor whose generation is instant (InstantBackend)."""
+    from model_runner.runner import ModelRunner
 
-    def __init__(self, eos_id: int):
-        self.eos_id = int(eos_id)
-
-    def generate(self, input_ids, streamer=None, **kwargs):
-        eos = torch.tensor([[self.eos_id]], device=input_ids.device)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-            streamer.put(eos[0].cpu())
-            streamer.end()
-        return torch.cat([input_ids, eos], dim=1)
+    backend = InstantBackend(min(runner._eos_ids()), int(runner.model.lm_head.weight.shape[0]), runner.device)
+    return ModelRunner.from_model(runner.model, runner.processor, model_path=runner.model_path, decoder=backend)
 
 
 def serve_stub(argv: list[str]) -> int:
-    """``server.py`` (gunicorn, the real app) whose runner generates instantly (InstantGenerate)."""
+    """The server's app (``server.create_app``, gunicorn with server.py's flags) on a runner that
+    generates instantly (``instant_runner``)."""
     import server
-    from model_runner import runner as runner_module
+    from gunicorn.app.base import BaseApplication
 
-    original = runner_module.ModelRunner.load
+    config = server.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runner = make_server_runner(config)
 
-    def load(self):
-        original(self)
-        self.decoder = InstantGenerate(min(self._eos_ids()))
-        return self
+    class StubServer(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"{config.host}:{config.port}")
+            self.cfg.set("workers", 1)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", max(2, config.threads))
+            if "control_socket_disable" in self.cfg.settings:  # see server.serve
+                self.cfg.set("control_socket_disable", True)
 
-    runner_module.ModelRunner.load = load
-    return server.main(argv)
+        def load(self):
+            return server.create_app(config, runner=runner)
+
+    StubServer().run()
+    return 0
 
 
-class FixedLengthPlain:
-    """Runner hook: plain ``model.generate`` with eos masked until ``max_new_tokens``."""
+def make_server_runner(config):
+    """The instant runner for ``config`` (the demo checkpoint built first when asked for)."""
+    import dataclasses
 
-    def __init__(self, model):
-        self.model = model
+    from model_runner.runner import ModelRunner
 
-    def generate(self, **kwargs):
-        return self.model.generate(**kwargs, min_new_tokens=kwargs["max_new_tokens"])
+    if config.demo:
+        from model_runner.tiny import build_tiny_checkpoint
+
+        folder = build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="bench-stub-")) / "DotsOCR-tiny-random", seed=0)
+        config = dataclasses.replace(config, model_path=str(folder))
+    loaded = ModelRunner.from_config(config, compile=False).load()
+    return instant_runner(loaded)
+
+
+def plain_runner(runner):
+    """A runner on the same model and processor without the fast path (plain transformers path)."""
+    from model_runner.runner import ModelRunner
+
+    return ModelRunner.from_model(runner.model, runner.processor, model_path=runner.model_path, compile=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,13 +351,9 @@ def make_runner(args, work_dir: Path):
         model, folder = build_random_full_size(device, dtype, llm_attn, vision_attn, work_dir, args.seed)
         from model_runner.processing import load_processor
 
-        runner = ModelRunner(folder, device=str(device), dtype=dtype, attn_implementation=args.attn_implementation,
-                             compile=args.compile, max_new_tokens_limit=args.max_new_tokens_limit)
-        processor = load_processor(folder)
-        runner.device, runner.dtype, runner.attn_implementation = device, dtype, (llm_attn, vision_attn)
-        runner.decoder = runner.build_fast_path(model, processor, device, **fast_options)
-        runner.fast_path = runner.decoder is not None
-        runner.processor, runner.model = processor, model
+        runner = ModelRunner.from_model(model, load_processor(folder), model_path=folder, compile=args.compile,
+                                        max_new_tokens_limit=args.max_new_tokens_limit,
+                                        fast_path_options=fast_options)
         label = "random-full-size"
     else:
         if args.demo:
@@ -339,37 +365,28 @@ def make_runner(args, work_dir: Path):
             path = Path(args.model_path)
             label = str(path)
         runner = ModelRunner(path, device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
-                             compile=False if fast_options else args.compile,
-                             max_new_tokens_limit=args.max_new_tokens_limit)
-        runner.load()
-        if fast_options:  # built here rather than in load(), with the backend asked for
-            enabled = args.compile if args.compile is not None else runner.device.type == "cuda"
-            runner.decoder = runner.build_fast_path(runner.model, runner.processor, runner.device,
-                                                    enabled=enabled, **fast_options)
-            runner.fast_path = runner.decoder is not None
+                             compile=args.compile, max_new_tokens_limit=args.max_new_tokens_limit,
+                             fast_path_options=fast_options).load()
     sync(runner.device)
     return runner, label, time.perf_counter() - start
 
 
-def e2e_page(runner, data: bytes, prompt_type: str, new_tokens: int, hook) -> tuple[float, int]:
-    """PNG bytes -> full answer through ModelRunner.stream, fixed length via ``hook``."""
+def e2e_page(runner, data: bytes, prompt_type: str, new_tokens: int) -> tuple[float, int]:
+    """PNG bytes -> full answer of exactly ``new_tokens`` tokens (eos ignored) through
+    ModelRunner.stream (the server's path)."""
     from image_utils import ImagePolicy
     from image_utils.decode import decode_image_bytes
     from model_runner.runner import GenerationStats
 
-    saved = runner.decoder
-    runner.decoder = hook
-    try:
-        sync(runner.device)
-        start = time.perf_counter()
-        image = decode_image_bytes(data, ImagePolicy())
-        stats = GenerationStats()
-        for _ in runner.stream(image, prompt_type, temperature=0, max_new_tokens=new_tokens, stats=stats):
-            pass
-        sync(runner.device)
-        return time.perf_counter() - start, stats.new_tokens
-    finally:
-        runner.decoder = saved
+    sync(runner.device)
+    start = time.perf_counter()
+    image = decode_image_bytes(data, ImagePolicy())
+    stats = GenerationStats()
+    for _ in runner.stream(image, prompt_type, temperature=0, max_new_tokens=new_tokens, stats=stats,
+                           ignore_eos=True):
+        pass
+    sync(runner.device)
+    return time.perf_counter() - start, stats.new_tokens
 
 
 def vision_variants(model, inputs, device, runs) -> dict[str, float]:
@@ -459,9 +476,24 @@ def decode_rate(generate_n, device, new_tokens: int, runs: int) -> dict[str, flo
             "decode_tok_s_by_difference": by_difference}
 
 
-def fast_generate_rate(decoder, inputs, n: int, **sampling) -> float | None:
-    decoder.generate(**inputs, max_new_tokens=n, ignore_eos=True, **sampling)
-    return decoder.last_timings.get("decode_tok_s") or None
+def runner_decode(runner, image, prompt_type: str, new_tokens: int, runs: int, temperature: float = 0.0,
+                  top_p: float = 1.0) -> dict[str, float | None]:
+    """Decode tokens/s through the runner = (N - 1) / (time of the last new token - time of the
+    first), fixed N (eos ignored); prompt -> first token (vision + prefill) and the whole
+    generation; medians over ``runs`` after one untimed run."""
+    from model_runner.runner import GenerationStats
+
+    def once() -> GenerationStats:
+        stats = GenerationStats()
+        runner.generate(image, prompt_type, temperature=temperature, top_p=top_p, max_new_tokens=new_tokens,
+                        stats=stats, ignore_eos=True, seed=0)
+        return stats
+
+    once()
+    runs_stats = [once() for _ in range(max(1, runs))]
+    rates = [(s.new_tokens - 1) / s.decode_s for s in runs_stats if s.new_tokens > 1 and s.decode_s > 0]
+    return {"prefill_total_s": median([s.vision_s + s.prefill_s for s in runs_stats]),
+            "generate_s": median([s.generate_s for s in runs_stats]), "decode_tok_s": median(rates)}
 
 
 def plain_generate_rate(model, inputs, n: int) -> float | None:
@@ -537,12 +569,8 @@ def http_stub(args, runner, data: bytes) -> dict:
             if time.time() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"the stub server did not come up (exit {proc.poll()})")
             time.sleep(0.5)
-        saved, runner.decoder = runner.decoder, InstantGenerate(min(runner._eos_ids()))
-        try:
-            stub_args = argparse.Namespace(**{**vars(args), "url": url})
-            out = http_path(stub_args, runner, data, 1)
-        finally:
-            runner.decoder = saved
+        stub_args = argparse.Namespace(**{**vars(args), "url": url})
+        out = http_path(stub_args, instant_runner(runner), data, 1)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -575,6 +603,7 @@ def run_benchmark(args) -> dict:
     from image_utils.decode import decode_image_bytes
     from model_runner.fast_decode import dynamo_compile_count
     from model_runner.prompts import prompt_text
+    from model_runner.runner import GenerationStats
 
     transformers.logging.set_verbosity_error()
     work_dir = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
@@ -602,13 +631,12 @@ def run_benchmark(args) -> dict:
     if args.http_only:
         return figures
     second = png_bytes(synth_page(args.second_page_size, args.seed + 1))
-    fast_hook = FixedLengthFast(decoder) if decoder is not None else FixedLengthPlain(model)
 
     # -- first and second request after start-up (nothing else has run on a real page yet) ----------
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    first_s, _ = e2e_page(runner, data, args.prompt_type, N, fast_hook)
-    second_s, produced = e2e_page(runner, data, args.prompt_type, N, fast_hook)
+    first_s, _ = e2e_page(runner, data, args.prompt_type, N)
+    second_s, produced = e2e_page(runner, data, args.prompt_type, N)
     figures.update(first_request_s=first_s, second_request_s=second_s, first_over_second=first_s / second_s,
                    e2e_new_tokens=produced)
     if device.type == "cuda":
@@ -639,16 +667,14 @@ def run_benchmark(args) -> dict:
     figures.update(vision_variants(model, inputs, device, R))
     figures["llm_prefill_s"] = llm_prefill(model, inputs, device, R)
     if decoder is not None:
-        fast = decode_rate(lambda n: fast_generate_rate(decoder, inputs, n), device, N, R)
-        fast["decode_sampled_tok_s"] = fast_generate_rate(decoder, inputs, N, do_sample=True, temperature=0.1,
-                                                          top_p=1.0, top_k=0)
-        fast["decode_top_p_tok_s"] = fast_generate_rate(decoder, inputs, N, do_sample=True, temperature=0.7,
-                                                        top_p=0.9, top_k=0)
+        fast = runner_decode(runner, image, args.prompt_type, N, R)
+        fast["decode_sampled_tok_s"] = runner_decode(runner, image, args.prompt_type, N, 1, 0.1)["decode_tok_s"]
+        fast["decode_top_p_tok_s"] = runner_decode(runner, image, args.prompt_type, N, 1, 0.7, 0.9)["decode_tok_s"]
         fast["score_precision"] = decoder.score_precision
     else:
         fast = decode_rate(lambda n: plain_generate_rate(model, inputs, n), device, N, R)
     figures.update(fast)
-    figures["e2e_page_s"], _ = timed(lambda: e2e_page(runner, data, args.prompt_type, N, fast_hook)[0], None,
+    figures["e2e_page_s"], _ = timed(lambda: e2e_page(runner, data, args.prompt_type, N)[0], None,
                                      R, warmup=0)
 
     # -- recompile check: two page sizes after warm-up -------------------------------------------------
@@ -657,20 +683,20 @@ def run_benchmark(args) -> dict:
         skips_before = _cudagraph_skips()
         for blob in (data, second):
             img = decode_image_bytes(blob, policy)
-            page_inputs = runner.prepare(img, args.prompt_type)
-            decoder.generate(**page_inputs, max_new_tokens=min(N, 16), ignore_eos=True)
-            decoder.generate(**page_inputs, max_new_tokens=min(N, 16), ignore_eos=True, do_sample=True,
-                             temperature=0.5, top_p=0.9, top_k=0)
+            stats = GenerationStats()
+            runner.generate(img, args.prompt_type, temperature=0, max_new_tokens=min(N, 16), ignore_eos=True,
+                            stats=stats)
+            runner.generate(img, args.prompt_type, temperature=0.5, top_p=0.9, max_new_tokens=min(N, 16),
+                            ignore_eos=True)
         figures["recompiles"] = dynamo_compile_count() - before
         figures["cudagraph_skips"] = _cudagraph_skips() - skips_before
         figures["second_page"] = {"size": list(args.second_page_size),
-                                  "prompt_tokens": int(page_inputs["input_ids"].shape[1])}
-        figures["fallbacks_to_plain"] = decoder.fallbacks
+                                  "prompt_tokens": stats.prompt_tokens}
 
     # -- baseline: plain transformers generate, dynamic cache, same run ---------------------------------
     if args.baseline:
         base = decode_rate(lambda n: plain_generate_rate(model, inputs, n), device, N, args.baseline_runs)
-        base["e2e_page_s"], _ = e2e_page(runner, data, args.prompt_type, N, FixedLengthPlain(model))
+        base["e2e_page_s"], _ = e2e_page(plain_runner(runner), data, args.prompt_type, N)
         figures["baseline"] = base
         if figures.get("decode_tok_s") and base.get("decode_tok_s"):
             figures["speedup_decode"] = figures["decode_tok_s"] / base["decode_tok_s"]

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# GPU check of the CUDA fast path, in one go, inside 9 minutes:
-#   1. scripts/gpu_fast_path_check.py  fast path = plain path on greedy tokens (first 64, full size,
-#      random weights, two page sizes), no recompiles, no CUDA-graph skips
-#   2. scripts/bench_pipeline.py --random-full-size --baseline --new-tokens 1000 on a letter page
-# Logs and JSON go to $OUT when set, else ./gpu_check_logs. Installs nothing that is already there.
+# GPU check of the CUDA fast path. Stages (all by default; name some to run only those):
+#   check       scripts/gpu_fast_path_check.py: fast path = plain path on greedy tokens (first 256,
+#               full size, random weights, bf16, two page sizes), batched = alone, no recompiles,
+#               no CUDA-graph skips                                                   (~4 min)
+#   bench       scripts/bench_pipeline.py --random-full-size --baseline --new-tokens 1000, letter page  (~5 min)
+#   throughput  scripts/bench_throughput.py --random-full-size, bf16, a letter page at 200 dpi,
+#               1000 output tokens a page, 16 pages at batch sizes 1, 2, 4, 8, 16 (issue 8) (~9 min)
+# e.g. `bash scripts/gpu_check.sh check bench` then `bash scripts/gpu_check.sh throughput` (each call
+# inside 10 minutes). Logs and JSON go to $OUT when set, else ./gpu_check_logs. Installs nothing
+# that is already there.
 #
 # This project needs a newer transformers than some GPU images hold (5.17 cannot read the model's
 # config). Where the installed one cannot, the check installs the wheels carried in .whl/ into
@@ -26,6 +31,9 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     ls -l .whl
     exit 0
 fi
+
+STAGES=${*:-check bench throughput}
+wants() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 LOG=${OUT:-./gpu_check_logs}
 mkdir -p "$LOG"
@@ -75,19 +83,33 @@ fi
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG/gpu_check.log"
 
 status=0
-say "1/2 fast path = plain path (greedy, 64 tokens, full size, two page sizes)"
-timeout 230 "$PY" scripts/gpu_fast_path_check.py --tokens 64 --json-out "$LOG/fast_path_check.json" \
-    > "$LOG/fast_path_check.log" 2>&1
-rc=$?
-tail -n 6 "$LOG/fast_path_check.log"
-[ $rc -eq 0 ] || { say "fast path check: exit $rc (124 = timed out)"; status=1; }
+if wants check; then
+    say "check: fast path = plain path, batched = alone (greedy, 256 tokens, full size, two page sizes)"
+    timeout 280 "$PY" scripts/gpu_fast_path_check.py --tokens 256 --json-out "$LOG/fast_path_check.json" \
+        > "$LOG/fast_path_check.log" 2>&1
+    rc=$?
+    tail -n 6 "$LOG/fast_path_check.log"
+    [ $rc -eq 0 ] || { say "fast path check: exit $rc (124 = timed out)"; status=1; }
+fi
 
-say "2/2 benchmark: --random-full-size --baseline --new-tokens 1000, letter page"
-timeout 290 "$PY" scripts/bench_pipeline.py --random-full-size --baseline --new-tokens 1000 --runs 3 \
-    --json-out "$LOG/bench.json" > "$LOG/bench.log" 2>&1
-rc=$?
-grep -v '^{' "$LOG/bench.log" | tail -n 30
-[ $rc -eq 0 ] || { say "benchmark: exit $rc (124 = timed out)"; status=1; }
+if wants bench; then
+    say "bench: --random-full-size --baseline --new-tokens 1000, letter page"
+    timeout 290 "$PY" scripts/bench_pipeline.py --random-full-size --baseline --new-tokens 1000 --runs 3 \
+        --json-out "$LOG/bench.json" > "$LOG/bench.log" 2>&1
+    rc=$?
+    grep -v '^{' "$LOG/bench.log" | tail -n 30
+    [ $rc -eq 0 ] || { say "benchmark: exit $rc (124 = timed out)"; status=1; }
+fi
+
+if wants throughput; then
+    say "throughput: real server, bf16, full size random weights, letter page, 1000 tokens, batch 1..16"
+    timeout 560 "$PY" scripts/bench_throughput.py --random-full-size --device cuda --dtype bfloat16 \
+        --page-size 1700x2200 --new-tokens 1000 --pages 16 --batch-sizes 1,2,4,8,16 \
+        --prompt-type prompt_layout_all_en --json-out "$LOG/throughput.json" > "$LOG/throughput.log" 2>&1
+    rc=$?
+    grep -v '^{' "$LOG/throughput.log" | tail -n 20
+    [ $rc -eq 0 ] || { say "throughput: exit $rc (124 = timed out)"; status=1; }
+fi
 
 say "done, status $status; logs in $LOG"
 exit $status
