@@ -120,8 +120,7 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _resolve_device(ray, requested: str) -> str:
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+def _resolve_device(gpus: int, requested: str) -> str:
     if requested == "cuda" and gpus == 0:
         raise _Fatal("--device cuda, but Ray sees no GPU in the cluster (use --device cpu)")
     if requested == "auto":
@@ -129,10 +128,8 @@ def _resolve_device(ray, requested: str) -> str:
     return requested
 
 
-def _default_actors(ray, device: str) -> int:
-    if device == "cuda":
-        return max(1, int(ray.cluster_resources().get("GPU", 0)))
-    return 1
+def _default_actors(gpus: int, device: str) -> int:
+    return max(1, gpus) if device == "cuda" else 1
 
 
 class _Fatal(Exception):
@@ -158,9 +155,10 @@ def _check_model(args) -> None:
         raise _Fatal(MISSING_MODEL.format(path=path))
 
 
-def run(args) -> int:
-    """The job for parsed arguments; returns the exit code."""
-    from .pipeline import import_ray, ocr_pages, scan_sources, start_ray
+def run(args, engine=None) -> int:
+    """The job for parsed arguments; returns the exit code. ``engine``: the Ray side
+    (:class:`batch_job.pipeline.RayEngine` by default)."""
+    from .pipeline import RayEngine
 
     started_at = time.perf_counter()
     expansion = expand_inputs(args.inputs)
@@ -169,29 +167,32 @@ def run(args) -> int:
     if not expansion.sources:
         raise _Fatal("no input files to process")
     _check_model(args)
-    ray = import_ray()
-    owns_ray = start_ray()
+    engine = engine if engine is not None else RayEngine()
+    engine.start()
     try:
-        device = _resolve_device(ray, args.device)
-        actors = args.actors or _default_actors(ray, device)
+        gpus = engine.gpus()
+        device = _resolve_device(gpus, args.device)
+        actors = args.actors or _default_actors(gpus, device)
         settings = _settings(args, device)
 
-        written = {} if args.force else read_written(args.out)
-        done = {key for key, ok in written.items() if ok or not args.retry_failed}
+        # read even with --force: the rows redone replace these (drop_superseded below)
+        written = read_written(args.out)
+        done = set() if args.force else {key for key, ok in written.items() if ok or not args.retry_failed}
         writer = ShardWriter(args.out, args.format, postprocess=args.postprocess, logprobs=args.logprobs,
                              rows_per_shard=args.rows_per_shard)
         older = shard_files(writer.fs, writer.root)
 
         _say(f"scanning {len(expansion.sources)} file(s)")
-        plan = plan_pages(scan_sources(expansion.sources), args.prompt_type, done, args.question)
-        _say(f"{len(plan.pages)} page(s) to do, {plan.skipped} already written, {len(plan.failed)} file(s) unusable; "
-             f"{actors} {device} actor(s), {settings.batch_size} page(s) per batch")
+        plan = plan_pages(engine.scan(expansion.sources), args.prompt_type, done, args.question)
+        _say(f"[{time.perf_counter() - started_at:.1f} s] {len(plan.pages)} page(s) to do, {plan.skipped} already "
+             f"written, {len(plan.failed)} file(s) unusable; {actors} {device} actor(s), "
+             f"{settings.batch_size} page(s) per batch")
         writer.add({**row, "prompt_type": args.prompt_type} for row in plan.failed)
 
         ocr_started = time.perf_counter()
         try:
-            for table in ocr_pages(plan.pages, settings, actors):
-                writer.add(table.to_pylist())
+            for rows in engine.ocr(plan.pages, settings, actors):
+                writer.add(rows)
         finally:
             writer.flush()
         ocr_seconds = time.perf_counter() - ocr_started
@@ -206,18 +207,17 @@ def run(args) -> int:
         print(summary.text(), flush=True)
         return EXIT_OK if writer.failed == 0 else EXIT_FAILED
     finally:
-        if owns_ray:
-            ray.shutdown()
+        engine.stop()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, engine=None) -> int:
     from .pipeline import RayMissing
 
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_question(parser, args)
     try:
-        return run(args)
+        return run(args, engine)
     except (_Fatal, RayMissing) as exc:
         _say(f"error: {exc}")
         return EXIT_FATAL

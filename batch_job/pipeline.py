@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from .actor import JobSettings, PageOcr
 from .inputs import scan_source
 
-__all__ = ["RayMissing", "import_ray", "local_runtime_env", "start_ray", "scan_sources", "ocr_pages",
+__all__ = ["RayMissing", "RayEngine", "import_ray", "local_runtime_env", "start_ray", "scan_sources", "ocr_pages",
            "MAX_IN_FLIGHT_PER_ACTOR"]
 
 #: Batches queued per actor: one running and one ready, so an actor never waits for its next
@@ -106,3 +106,31 @@ def ocr_pages(pages: list[dict[str, Any]], settings: JobSettings, actors: int) -
     ds = ds.map_batches(PageOcr, fn_constructor_args=(settings,), batch_size=settings.batch_size,
                         batch_format="pyarrow", compute=strategy, **_actor_resources(settings))
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+class RayEngine:
+    """What the command line asks of Ray, in one place (the command line takes any object with
+    these methods; the tests give it one that runs in-process)."""
+
+    def __init__(self) -> None:
+        self._owns = False
+
+    def start(self) -> None:
+        """Join or start Ray (RayMissing when it is not installed)."""
+        import_ray()
+        self._owns = start_ray()
+
+    def stop(self) -> None:
+        if self._owns:
+            import_ray().shutdown()
+            self._owns = False
+
+    def gpus(self) -> int:
+        return int(import_ray().cluster_resources().get("GPU", 0))
+
+    def scan(self, sources: list[str]) -> list[dict[str, Any]]:
+        return scan_sources(sources)
+
+    def ocr(self, pages: list[dict[str, Any]], settings: JobSettings, actors: int) -> Iterator[list[dict[str, Any]]]:
+        for table in ocr_pages(pages, settings, actors):
+            yield table.to_pylist()

@@ -260,3 +260,82 @@ def test_bad_arguments_exit_2(tmp_path, argv):
     with pytest.raises(SystemExit) as stop:
         cli.main([str(SAMPLES), "--out", str(tmp_path / "o"), *argv])
     assert stop.value.code == 2
+
+
+# -- the command line's whole run, with the Ray side replaced by an in-process one ------------
+
+
+class InProcessEngine:
+    """The RayEngine's methods, run in this process on the session's tiny model: the command
+    line's planning, resume, shards and exit codes are tested here; Ray in test_batch_ray.py."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.ocr_calls = 0
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    def gpus(self):
+        return 0
+
+    def scan(self, sources):
+        return [scan_source(s) for s in sources]
+
+    def ocr(self, pages, settings, actors):
+        actor = PageOcr(settings, runner=self.runner)
+        for start in range(0, len(pages), settings.batch_size):
+            self.ocr_calls += 1
+            yield actor(pa.Table.from_pylist(pages[start:start + settings.batch_size])).to_pylist()
+
+
+def _all_rows(out: Path):
+    return [r for p in sorted(out.glob("part-*")) for r in _read(str(p))]
+
+
+def test_run_resume_retry_failed_and_force(batch_runner, corpus, tmp_path, capsys):
+    engine = InProcessEngine(batch_runner)
+    out = tmp_path / "out"
+    inputs = [str(corpus / n) for n in ("demo_pdf1.pdf", "sub/demo_image2.png", "corrupt.png", "notes.png")]
+    fast = ["--out", str(out), "--demo", "--dpi", "36", "--max-new-tokens", "3", "--batch-size", "2"]
+
+    assert cli.main([*inputs, *fast], engine=engine) == cli.EXIT_FAILED
+    first = {r["key"]: r for r in _all_rows(out)}
+    assert sorted((Path(r["source"]).name, r["page"], r["error"] is None) for r in first.values()) == [
+        ("corrupt.png", 1, False), ("demo_image2.png", 1, True), ("demo_pdf1.pdf", 1, True),
+        ("demo_pdf1.pdf", 2, True), ("notes.png", 1, False)]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert (summary["pages_ok"], summary["pages_failed"], summary["pages_skipped"]) == (3, 2, 0)
+    assert "pages ok: 3, failed: 2, skipped: 0" in capsys.readouterr().out
+
+    calls = engine.ocr_calls
+    assert cli.main([*inputs, *fast], engine=engine) == cli.EXIT_OK  # nothing left to do
+    assert engine.ocr_calls == calls and {r["key"] for r in _all_rows(out)} == set(first)
+    assert "pages ok: 0, failed: 0, skipped: 5" in capsys.readouterr().out
+
+    assert cli.main([*inputs, *fast, "--retry-failed"], engine=engine) == cli.EXIT_FAILED
+    rows = _all_rows(out)
+    assert len(rows) == 5 and {r["key"] for r in rows} == set(first)  # failed rows replaced, not added
+    assert "pages ok: 0, failed: 2, skipped: 3" in capsys.readouterr().out
+
+    assert cli.main([inputs[1], *fast, "--force", "--format", "jsonl"], engine=engine) == cli.EXIT_OK
+    rows = _all_rows(out)
+    assert len(rows) == 5 and {r["key"] for r in rows} == set(first)
+    jsonl = [json.loads(line) for p in out.glob("part-*.jsonl") for line in p.read_text().splitlines()]
+    assert [Path(r["source"]).name for r in jsonl] == ["demo_image2.png"]
+
+
+def test_run_with_logprobs_and_another_prompt_type_writes_new_keys(batch_runner, corpus, tmp_path):
+    engine = InProcessEngine(batch_runner)
+    out = tmp_path / "out"
+    image = str(corpus / "sub" / "demo_image2.png")
+    common = ["--out", str(out), "--demo", "--max-new-tokens", "3"]
+    assert cli.main([image, *common, "--logprobs"], engine=engine) == cli.EXIT_OK
+    assert cli.main([image, *common, "--prompt-type", "prompt_ocr"], engine=engine) == cli.EXIT_OK
+    rows = sorted(_all_rows(out), key=lambda r: r["prompt_type"])
+    assert [r["prompt_type"] for r in rows] == ["prompt_layout_all_en", "prompt_ocr"]
+    assert len(rows[0]["logprobs"]) == rows[0]["new_tokens"]
+    assert "logprobs" not in rows[1]  # shards differ in columns; each one is self-describing
