@@ -32,6 +32,9 @@ __all__ = ["RayMissing", "RayEngine", "import_ray", "local_runtime_env", "start_
 #: batch, while the tail of a run is not stuck behind a long queue on one actor.
 MAX_IN_FLIGHT_PER_ACTOR = 2
 
+#: Most blocks the page list is cut into (see ocr_pages).
+MAX_BLOCKS = 10_000
+
 INSTALL_HINT = 'pip install -e ".[batch]"   (or: pip install "ray[data]" pyarrow)'
 
 
@@ -99,8 +102,9 @@ def ocr_pages(pages: list[dict[str, Any]], settings: JobSettings, actors: int) -
     ray = import_ray()
     if not pages:
         return
-    # Blocks of about one batch each, so every actor gets work from the start.
-    blocks = max(1, min(len(pages), math.ceil(len(pages) / settings.batch_size)))
+    # Blocks of about one batch each, so that every actor gets work from the start and the work
+    # is shared out finely; capped so that a huge corpus does not become millions of tiny blocks.
+    blocks = max(1, min(MAX_BLOCKS, math.ceil(len(pages) / settings.batch_size)))
     ds = ray.data.from_items(pages, override_num_blocks=blocks)
     strategy = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=MAX_IN_FLIGHT_PER_ACTOR)
     ds = ds.map_batches(PageOcr, fn_constructor_args=(settings,), batch_size=settings.batch_size,
