@@ -136,9 +136,18 @@ class _Fatal(Exception):
     """The run cannot go on; the message is for the user (exit code 2)."""
 
 
+def _model_path(args) -> Optional[str]:
+    """The checkpoint folder for the actors: made absolute when they run on this machine (a
+    cluster's nodes resolve it themselves)."""
+    if args.demo:
+        return None
+    path = args.model_path or DEFAULT_MODEL_PATH
+    return path if os.environ.get("RAY_ADDRESS") else os.path.abspath(path)
+
+
 def _settings(args, device: str) -> JobSettings:
     return JobSettings(
-        prompt_type=args.prompt_type, model_path=None if args.demo else (args.model_path or DEFAULT_MODEL_PATH),
+        prompt_type=args.prompt_type, model_path=_model_path(args),
         demo=args.demo, device=device, dtype=args.dtype,
         batch_size=args.batch_size or DEFAULT_BATCH[device], cpus_per_actor=args.cpus_per_actor,
         dpi=args.dpi, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,

@@ -221,6 +221,22 @@ def test_actor_turns_bad_pages_into_error_rows(batch_runner, corpus):
     assert all(r["response"] is None and r["seconds"] is not None for r in rows)
 
 
+def test_actor_loads_its_runner_with_the_batch_size(tiny_ckpt):
+    import torch
+
+    from batch_job.actor import load_runner
+
+    threads = torch.get_num_threads()
+    try:
+        runner = load_runner(JobSettings(model_path=str(tiny_ckpt), batch_size=3, max_new_tokens=64,
+                                         cpus_per_actor=1))
+        assert torch.get_num_threads() == 1  # an actor's torch keeps to its reserved CPUs
+    finally:
+        torch.set_num_threads(threads)
+    assert runner.loaded and runner.max_batch_size == 3 and str(runner.device) == "cpu"
+    assert runner.max_new_tokens_limit == 64
+
+
 def test_load_page_uses_the_servers_loaders(corpus):
     pdf = (corpus / "demo_pdf1.pdf").read_bytes()
     page, sharper = load_page(pdf, "pdf", 2, 72), load_page(pdf, "pdf", 2, 144)
