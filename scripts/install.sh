@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create ./.venv (unless a Python environment is already active, e.g. conda) and install the
-# project with its test extras. torch/torchvision are pinned to a pair known to work together
+# project with its test extras and the batch extra (Ray, for dots-ocr-batch and its tests). torch/torchvision are pinned to a pair known to work together
 # (qwen-vl-utils and the fast image processor need torchvision); on a CUDA workstation this pair
 # is PyPI's CUDA build. constraints.txt pins the rest to the versions tested together.
 set -euo pipefail
@@ -12,4 +12,4 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
 fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${DOTS_OCR_TORCH_VERSION:-2.14.1}" "torchvision==${DOTS_OCR_TORCHVISION_VERSION:-0.29.1}"
-python -m pip install -q -c constraints.txt -e ".[test]"
+python -m pip install -q -c constraints.txt -e ".[test,batch]"

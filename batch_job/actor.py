@@ -1,0 +1,184 @@
+"""``PageOcr``: the callable class the actor pool runs. One ``ModelRunner`` per actor; each batch
+of pages is generated together through the runner's ``BatchEngine``.
+
+How a batch runs: the batch's files are read once each (the pages of one PDF usually arrive
+together), then one thread per page loads its image and calls ``runner.generate`` at the same
+time as the others. The runner was built with ``max_batch_size = batch_size``, so its engine
+decodes those pages in one batch (continuous batching: a page that ends early frees its slot).
+Any failure of one page (unreadable file, undecodable image, broken PDF page, model error)
+becomes that page's ``error``; the other pages and the job go on.
+
+Ray is not imported here: the class is plain Python, so tests call it directly on a runner.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .inputs import load_page, read_source
+from .outputs import output_schema, token_confidence
+
+log = logging.getLogger(__name__)
+
+__all__ = ["JobSettings", "PageOcr", "load_runner", "DEFAULT_TEMPERATURE"]
+
+#: The temperature of a prompt type without its own default (the server's and the runner's).
+DEFAULT_TEMPERATURE = 0.1
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Everything an actor needs (sent to every actor, so plain values only)."""
+
+    prompt_type: str = "prompt_layout_all_en"
+    model_path: Optional[str] = None   # a checkpoint folder visible on every node
+    demo: bool = False                 # each actor builds the tiny random checkpoint itself
+    device: str = "cpu"                # "cpu" or "cuda" (one GPU per actor)
+    dtype: str = "auto"
+    batch_size: int = 4                # pages generated at once per actor (the runner's max_batch_size)
+    cpus_per_actor: int = 1            # torch threads of a CPU actor
+    dpi: float = 200.0
+    max_new_tokens: int = 12000
+    temperature: Optional[float] = None  # None: the prompt type's default (as the server does)
+    seed: Optional[int] = None
+    question: Optional[str] = None     # prompt_general only
+    postprocess: bool = False
+    logprobs: bool = False
+
+
+def _demo_checkpoint() -> Path:
+    """The tiny random checkpoint, built in this process's own temporary folder: on a cluster the
+    driver's temporary folder is not visible to the actors, and building it takes seconds."""
+    from model_runner.tiny import build_tiny_checkpoint
+
+    folder = Path(tempfile.mkdtemp(prefix="dots-ocr-batch-demo-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return build_tiny_checkpoint(folder / "DotsOCR-tiny-random", seed=0)
+
+
+def load_runner(settings: JobSettings):
+    """A loaded ``ModelRunner`` for ``settings`` (the tiny checkpoint with ``demo``)."""
+    import torch
+
+    from model_runner.runner import ModelRunner
+
+    if settings.device == "cpu":
+        # Each CPU actor owns cpus_per_actor cores (its Ray reservation): without this, torch
+        # would start one thread per core of the machine in every actor and they would fight.
+        torch.set_num_threads(settings.cpus_per_actor)
+    path = _demo_checkpoint() if settings.demo else Path(settings.model_path)
+    runner = ModelRunner(path, device=settings.device, dtype=settings.dtype, max_batch_size=settings.batch_size,
+                         max_new_tokens_limit=settings.max_new_tokens)
+    return runner.load()
+
+
+class PageOcr:
+    """Ray Data callable class: a pyarrow batch of planned pages (key, source, sha256, kind,
+    page, page_count) -> a pyarrow table of output rows (:func:`batch_job.outputs.output_schema`).
+    ``runner``: an already loaded runner (tests); by default one is loaded from ``settings``."""
+
+    def __init__(self, settings: JobSettings, runner=None):
+        from model_runner.prompts import default_temperature
+
+        self.settings = settings
+        self.runner = runner if runner is not None else load_runner(settings)
+        self.temperature = (settings.temperature if settings.temperature is not None
+                            else default_temperature(settings.prompt_type, DEFAULT_TEMPERATURE))
+        self.schema = output_schema(settings.postprocess, settings.logprobs)
+        workers = max(1, int(self.runner.max_batch_size))
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dots-ocr-page")
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        pages = batch.to_pylist()
+        files = self._read_files(pages)
+        rows = list(self.pool.map(lambda page: self.ocr_page(page, files[page["source"]]), pages))
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+    @staticmethod
+    def _read_files(pages: list[dict[str, Any]]) -> dict[str, Any]:
+        """source -> its bytes, or the exception that reading it raised (read once per batch)."""
+        files: dict[str, Any] = {}
+        for page in pages:
+            source = page["source"]
+            if source not in files:
+                try:
+                    files[source] = read_source(source)
+                except Exception as exc:  # noqa: BLE001 - becomes the error of this file's pages
+                    files[source] = exc
+        return files
+
+    def ocr_page(self, page: dict[str, Any], data) -> dict[str, Any]:
+        """One output row for one page; never raises."""
+        started = time.perf_counter()
+        row = {name: page.get(name) for name in ("key", "source", "sha256", "page", "page_count")}
+        row["prompt_type"] = self.settings.prompt_type
+        try:
+            row.update(self._run(page, data))
+        except _PageError as exc:
+            row["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad page must not stop the batch
+            log.exception("page %s of %s failed", page.get("page"), page.get("source"))
+            row["error"] = f"generation failed: {type(exc).__name__}: {exc}"
+        row["seconds"] = time.perf_counter() - started
+        return row
+
+    def _run(self, page: dict[str, Any], data) -> dict[str, Any]:
+        from image_utils import ImageInputError
+        from model_runner.runner import GenerationInputError
+
+        if isinstance(data, BaseException):
+            raise _PageError(f"cannot read the file: {data}")
+        try:
+            image = load_page(data, page["kind"], page["page"], self.settings.dpi)
+        except ImageInputError as exc:
+            raise _PageError(f"cannot load the page: {exc.message}") from None
+        s = self.settings
+        try:
+            result = self.runner.generate(image, s.prompt_type, question=s.question, temperature=self.temperature,
+                                          max_new_tokens=s.max_new_tokens, seed=s.seed,
+                                          logprobs=0 if s.logprobs else None)
+        except GenerationInputError as exc:
+            raise _PageError(f"the model cannot run this page: {exc}") from None
+        stats = result.stats
+        out = {"response": result.text, "finish_reason": stats.finish_reason,
+               "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens}
+        if s.postprocess:
+            out.update(self._postprocess(result.text, stats, image))
+        if s.logprobs:
+            out.update(_logprob_columns(result.tokens))
+        return out
+
+    def _postprocess(self, text: str, stats, image) -> dict[str, Any]:
+        """The server's post-processing (the call in server.py's ``_Job.extra_fields``)."""
+        import json
+
+        from image_utils import to_original_coords
+        from layout import postprocess_response
+
+        processed = postprocess_response(text, prompt_type=self.settings.prompt_type, model_size=stats.model_size,
+                                         original_size=stats.original_size, image=image, picture_mode="ref",
+                                         to_original=to_original_coords)
+        cells = processed.get("layout", processed.get("spots"))
+        markdown = processed.get("markdown", processed.get("svg"))
+        return {"layout": None if cells is None else json.dumps(cells, ensure_ascii=False),
+                "markdown": markdown, "repaired": processed.get("repaired")}
+
+
+def _logprob_columns(tokens) -> dict[str, Any]:
+    logprobs = [t.logprob for t in tokens if t.logprob is not None]
+    low, mean = token_confidence(logprobs)
+    return {"tokens": [t.text for t in tokens], "logprobs": [t.logprob for t in tokens],
+            "min_token_prob": low, "mean_token_prob": mean}
+
+
+class _PageError(Exception):
+    """A page that cannot be done, with the message for its ``error`` column."""

@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Run the Ray batch job from a checkout: python scripts/ocr_batch.py INPUT... --out DIR [options]
+
+(Installed with pip and the [batch] extra, the same program is the ``dots-ocr-batch`` command.)
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from batch_job.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
