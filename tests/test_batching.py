@@ -95,9 +95,9 @@ def _start(engine: BatchEngine, request: EngineRequest) -> None:
     engine.submit(request)
 
 
-def _join_at(engine, step, request, backend=None):
+def _join_at(engine, step, request):
     """Make ``request`` join just before decode step ``step``."""
-    (backend or engine.backend).actions.setdefault(step, []).append(lambda: _start(engine, request))
+    engine.backend.actions.setdefault(step, []).append(lambda: _start(engine, request))
 
 
 def _finish_all(engine: BatchEngine, requests) -> None:
@@ -236,6 +236,17 @@ def _guard_breaking_at(n):
     return guard
 
 
+def _probe_breaking_at(n):
+    calls = []
+
+    def should_stop():
+        calls.append(1)
+        if len(calls) == n:
+            raise OSError("the connection probe broke")
+        return False
+    return should_stop
+
+
 def _stops_after(n):
     calls = []
 
@@ -248,7 +259,7 @@ def _stops_after(n):
 def test_cancel_disconnect_and_failures_leave_the_others_intact(runner, prepared, solo):
     vocab = runner.model.lm_head.weight.shape[0]
     backend = Scripted(runner.model)
-    engine = BatchEngine(backend, max_batch_size=8)
+    engine = BatchEngine(backend, max_batch_size=len(PAGES) * 2)
     keep = {"tall": _request(runner, prepared["tall"], BUDGET["tall"]),
             "wide": _request(runner, prepared["wide"], BUDGET["wide"])}
     late = _request(runner, prepared["tiny"], BUDGET["tiny"])  # joins after all the trouble
@@ -260,6 +271,8 @@ def test_cancel_disconnect_and_failures_leave_the_others_intact(runner, prepared
     small = dict(prepared["small"])  # its own dict: the failing prefill is recognised by identity
     bad_prefill = _request(runner, small, BUDGET["small"])
     backend.failing_prefill.append(small)
+    gone_before_joining = _request(runner, prepared["tall"], BUDGET["tall"], should_stop=lambda: True)
+    bad_probe = _request(runner, prepared["small"], BUDGET["small"], should_stop=_probe_breaking_at(4))
 
     _start(engine, keep["tall"])
     _join_at(engine, 1, cancelled)
@@ -268,9 +281,12 @@ def test_cancel_disconnect_and_failures_leave_the_others_intact(runner, prepared
     _join_at(engine, 3, keep["wide"])
     _join_at(engine, 3, bad_guard)
     _join_at(engine, 4, bad_prefill)
+    _join_at(engine, 4, gone_before_joining)
+    _join_at(engine, 5, bad_probe)
     backend.actions.setdefault(6, []).append(cancelled.cancel)
     _join_at(engine, 12, late)
-    everyone = [*keep.values(), late, cancelled, disconnected, bad_choice, bad_guard, bad_prefill]
+    everyone = [*keep.values(), late, cancelled, disconnected, bad_choice, bad_guard, bad_prefill,
+                gone_before_joining, bad_probe]
     _finish_all(engine, everyone)
 
     for name, request in keep.items():
@@ -279,7 +295,8 @@ def test_cancel_disconnect_and_failures_leave_the_others_intact(runner, prepared
     assert engine.max_rows_seen >= 5
 
     for request, page, reason in [(cancelled, "strip", "cancelled"), (disconnected, "tiny", "cancelled"),
-                                  (bad_choice, "strip", "error"), (bad_guard, "wide", "error")]:
+                                  (bad_choice, "strip", "error"), (bad_guard, "wide", "error"),
+                                  (bad_probe, "small", "error")]:
         assert request.finish_reason == reason
         assert 0 < len(request.generated) < len(solo[page][0])
         assert request.generated == solo[page][0][:len(request.generated)]  # right up to its end
@@ -287,6 +304,8 @@ def test_cancel_disconnect_and_failures_leave_the_others_intact(runner, prepared
     assert "guard broke" in str(bad_guard.error) and len(bad_guard.generated) == 7
     assert bad_prefill.finish_reason == "error" and "prefill broke" in str(bad_prefill.error)
     assert bad_prefill.generated == []
+    assert "probe broke" in str(bad_probe.error)
+    assert gone_before_joining.finish_reason == "cancelled" and gone_before_joining.generated == []
     assert cancelled.error is None and disconnected.error is None
     assert engine.running == 0 and not _generation_threads()
 
