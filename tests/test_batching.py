@@ -466,6 +466,34 @@ def test_batch_full_error_beyond_max_batch_size(runner, images):
         BatchEngine(DynamicBatch(runner.model), max_batch_size=0)
 
 
+class SlowToEnd:
+    """A ``run_loop`` whose thread lingers after the loop has returned (as a thread does for a
+    moment after its function returns; here long enough to see)."""
+
+    def __call__(self, fn):
+        def run():
+            fn()
+            time.sleep(0.3)
+
+        self.thread = threading.Thread(target=run, name=WORKER_NAME, daemon=True)
+        self.thread.start()
+        return self.thread
+
+
+def test_release_waits_for_a_loop_that_already_went_idle(runner, prepared):
+    """The last ``release`` returns only when the loop's thread has ended, also when the loop had
+    already gone idle (finished its last request) before the caller released its slot."""
+    run_loop = SlowToEnd()
+    engine = BatchEngine(DynamicBatch(runner.model), 1, run_loop=run_loop)
+    request = _request(runner, prepared["tiny"], 3)
+    _start(engine, request)
+    engine.wait(request, 0.2)
+    _wait_until(lambda: engine._worker is None)  # the loop has said it is idle; its thread lingers
+    engine.release()
+    assert not run_loop.thread.is_alive()
+    assert not _generation_threads()
+
+
 # -- slot reuse without leaks ---------------------------------------------------------------------------
 
 
