@@ -199,7 +199,7 @@ def _start_job(runner, policy, req: OCRRequest, should_stop) -> _Job:
     """Load the page and run generation up to its first text piece, so that a bad image or an
     impossible request is still answered with a plain JSON error (before any streamed line)."""
     from image_utils import ImageInputError, load_document
-    from model_runner.runner import GenerationInputError, GenerationStats
+    from model_runner.runner import BatchFullError, GenerationInputError, GenerationStats
 
     started = time.perf_counter()
     try:
@@ -225,6 +225,10 @@ def _start_job(runner, policy, req: OCRRequest, should_stop) -> _Job:
                 break
     except GenerationInputError as exc:
         raise RequestError(str(exc), 400) from None
+    except BatchFullError:
+        # The runner has fewer generation slots than the server (a runner given to create_app
+        # with another max_batch_size): it is busy, which is a 429, not a server error.
+        raise RequestError(BUSY_MESSAGE, 429, headers={"Retry-After": "1"}) from None
     return _Job(req=req, document=document, pieces=pieces, first=first, first_tokens=first_tokens,
                 stats=stats, started=started, load_s=load_s,
                 tokenizer=getattr(getattr(runner, "processor", None), "tokenizer", None))

@@ -267,6 +267,9 @@ class BatchEngine:
         self._pending: deque[EngineRequest] = deque()
         self._active: list[EngineRequest] = []  # the batch's rows, in the backend's row order
         self._worker = None  # the handle of the running loop, None when idle
+        # The handle of the last loop that went idle: it has said so (``_worker`` is None) but its
+        # thread may still be on its way out, so ``release`` can still wait for it to end.
+        self._ending = None
         self.steps = 0  # decode steps run (all rows together)
         self.max_rows_seen = 0
 
@@ -287,7 +290,9 @@ class BatchEngine:
     def release(self) -> None:
         with self._lock:
             self._reserved -= 1
-            idle_worker = self._worker if self._reserved == 0 else None
+            idle_worker = None
+            if self._reserved == 0:
+                idle_worker = self._worker if self._worker is not None else self._ending
         if idle_worker is not None:  # nothing left: let the loop's thread end before we return
             idle_worker.join(5.0)
 
@@ -317,7 +322,7 @@ class BatchEngine:
                 while True:
                     with self._lock:
                         if not self._pending and not self._active:
-                            self._worker = None
+                            self._ending, self._worker = self._worker, None
                             return
                         joining = self._pending.popleft() if self._pending else None
                     if joining is not None:
@@ -329,7 +334,7 @@ class BatchEngine:
             log.exception("the batch decoding loop failed")
             with self._lock:
                 stranded = list(self._active) + list(self._pending)
-                self._active, self._worker = [], None
+                self._active, self._ending, self._worker = [], self._worker, None
                 self._pending.clear()
             self.backend.reset()
             for request in stranded:
