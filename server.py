@@ -55,8 +55,12 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
 
     register_error_handlers(app)
     from api.ocr import bp as ocr_routes
+    from api.openai import bp as openai_routes
+    from api.openapi import bp as openapi_routes
 
     app.register_blueprint(ocr_routes)
+    app.register_blueprint(openai_routes)
+    app.register_blueprint(openapi_routes)
     return app
 
 
@@ -92,7 +96,9 @@ def serve(config: ServerConfig) -> None:
                 "bind": f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}",
                 "workers": 1,
                 "worker_class": "gthread",
-                "threads": max(2, config.threads),
+                # each request waiting in the /v1 queue holds a thread: add them, so that /health
+                # and /ocr are still answered while the queue is full
+                "threads": max(2, config.threads) + max(0, config.max_queue),
                 "timeout": 300,
                 "graceful_timeout": 10,
                 "keepalive": 5,
