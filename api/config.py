@@ -54,7 +54,7 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--image-root", dict(help="confine `path` images to this folder")),
     ("--allow-private-urls", dict(action="store_true",
                                   help="let `url` images come from loopback/private/link-local addresses")),
-    ("--api-key", dict(help="require `Authorization: Bearer KEY` on /ocr")),
+    ("--api-key", dict(help="require `Authorization: Bearer KEY` on /ocr and /v1/...")),
     ("--max-body-mb", dict(type=float, help="largest request body accepted")),
     ("--max-image-pixels", dict(type=int, help="largest decoded image (width x height)")),
     ("--max-new-tokens-limit", dict(type=int, help="largest max_new_tokens a request may ask for")),
