@@ -210,6 +210,35 @@ def test_parameters_reach_the_runner(client, runner, monkeypatch):
     assert given["messages"][0]["content"][1]["text"] == PLACEHOLDER + OCR_PROMPT
 
 
+def test_repetition_guard_is_length_with_stop_reason(client, runner, monkeypatch):
+    monkeypatch.setattr(runner, "repetition_window", 64)
+    body = chat(client, messages=upstream_messages(layout_only_prompt()), max_completion_tokens=2000).get_json()
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["stop_reason"] == "repetition"
+    assert body["usage"]["completion_tokens"] < 2000
+
+
+def test_error_mid_stream_is_an_error_event(client, runner, monkeypatch):
+    original = runner.stream_pieces
+
+    def failing(*args, **kwargs):
+        pieces = original(*args, **kwargs)
+        try:
+            for count, piece in enumerate(pieces):
+                if count == 3:
+                    raise RuntimeError("the device fell over")
+                yield piece
+        finally:
+            pieces.close()
+
+    monkeypatch.setattr(runner, "stream_pieces", failing)
+    events = sse_events(chat(client, max_completion_tokens=20, stream=True).get_data(as_text=True))
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error"
+    assert "the device fell over" in events[-2]["error"]["message"]
+    assert client.get("/health").get_json()["running"] == 0
+
+
 @pytest.mark.parametrize("extra, param, words", [
     ({"foo": 1}, "foo", "Unrecognized request argument"),
     ({"n": 2}, "n", "n=1"),
