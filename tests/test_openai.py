@@ -271,7 +271,7 @@ def test_error_statuses_and_shapes(runner):
     from server import create_app
 
     client = create_app({"api_key": "k3y", "max_body_mb": 0.01}, runner=runner).test_client()
-    assert_openai_error(client.get("/v1/models"), 401)["code"] == "invalid_api_key"
+    assert assert_openai_error(client.get("/v1/models"), 401)["code"] == "invalid_api_key"
     assert_openai_error(chat(client), 401)
     auth = {"Authorization": "Bearer k3y"}
     models = client.get("/v1/models", headers=auth).get_json()
@@ -280,10 +280,11 @@ def test_error_statuses_and_shapes(runner):
     assert_openai_error(client.get("/v1/models/gpt-4", headers=auth), 404, "model")
     assert_openai_error(client.get("/v1/nowhere", headers=auth), 404)
     response = client.get("/v1/chat/completions", headers=auth)
-    assert_openai_error(response, 405) and response.headers["Allow"] == "POST"
+    assert_openai_error(response, 405)
+    assert response.headers["Allow"] == "POST"
     assert_openai_error(client.post("/v1/chat/completions", headers=auth, data="{"), 400)
     big = client.post("/v1/chat/completions", headers=auth, json={"messages": upstream_messages("x" * 20000)})
-    assert_openai_error(big, 413)["code"] == "request_too_large"
+    assert assert_openai_error(big, 413)["code"] == "request_too_large"
     # /ocr keeps API.md's error shape
     assert client.post("/ocr", json={"image": "x"}).get_json() == {
         "error": "Unauthorized: send 'Authorization: Bearer <api key>'"}
@@ -368,7 +369,7 @@ def test_v1_waits_in_the_queue_while_ocr_gets_429(runner):
     thread.start()
     _wait_for(lambda: client.get("/health").get_json()["queued"] == 1)
     over = chat(client)
-    assert_openai_error(over, 429)["type"] == "rate_limit_error"
+    assert assert_openai_error(over, 429)["type"] == "rate_limit_error"
     assert over.headers["Retry-After"] == "1"
     busy = client.post("/ocr", json={"image": base64.b64encode(PNG).decode(), "image_format": "base64"})
     assert busy.status_code == 429 and busy.get_json() == {"error": "Server is busy processing another request"}
@@ -539,23 +540,27 @@ def test_schemathesis_never_gets_a_5xx(runner):
     schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
     failures, calls = [], []
 
-    for operation in schema.get_all_operations():
-        operation = operation.ok()
-        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-            @hypothesis.settings(max_examples=25, deadline=None, database=None, phases=[hypothesis.Phase.generate],
-                                 suppress_health_check=list(hypothesis.HealthCheck))
-            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
-            def check(case):
-                response = case.call()
-                calls.append((operation.label, response.status_code))
-                try:
-                    case.validate_response(response, checks=(not_a_server_error, status_code_conformance))
-                except Exception as exc:  # noqa: BLE001 - collected, reported together below
-                    failures.append(f"{operation.label}: {exc}")
+    def run(operation, mode) -> None:
+        label = operation.label
 
+        @hypothesis.settings(max_examples=25, deadline=None, database=None, phases=[hypothesis.Phase.generate],
+                             suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+        def check(case):
+            response = case.call()
+            calls.append((label, response.status_code))
             try:
-                check()
-            except hypothesis.errors.Unsatisfiable:  # a route without inputs has no invalid request
-                assert mode == schemathesis.GenerationMode.NEGATIVE
+                case.validate_response(response, checks=(not_a_server_error, status_code_conformance))
+            except Exception as exc:  # noqa: BLE001 - collected, reported together below
+                failures.append(f"{label}: {exc}")
+
+        try:
+            check()
+        except hypothesis.errors.Unsatisfiable:  # a route without inputs has no invalid request
+            assert mode == schemathesis.GenerationMode.NEGATIVE
+
+    for operation in schema.get_all_operations():
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+            run(operation.ok(), mode)
     assert not failures, "\n".join(failures[:5])
     assert {label for label, _ in calls} >= {"POST /ocr", "POST /v1/chat/completions", "GET /v1/models"}
