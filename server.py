@@ -56,9 +56,13 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
     register_error_handlers(app)
     from api import metrics, request_log
     from api.ocr import bp as ocr_routes
+    from api.openai import bp as openai_routes
+    from api.openapi import bp as openapi_routes
 
     request_log.install(app)
     app.register_blueprint(ocr_routes)
+    app.register_blueprint(openai_routes)
+    app.register_blueprint(openapi_routes)
     if config.metrics:
         metrics.install(app, state)
     return app
@@ -98,7 +102,9 @@ def serve(config: ServerConfig) -> None:
                 "bind": f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}",
                 "workers": 1,
                 "worker_class": "gthread",
-                "threads": max(2, config.threads),
+                # each request waiting in the /v1 queue holds a thread: add them, so that /health
+                # and /ocr are still answered while the queue is full
+                "threads": max(2, config.threads) + max(0, config.max_queue),
                 "timeout": 300,
                 "graceful_timeout": 10,
                 "keepalive": 5,

@@ -27,6 +27,7 @@ class ServerConfig:
     compile: bool | None = None  # CUDA fast path (static cache + compiled decode): None = on for CUDA
     threads: int = 16
     max_batch_size: int = 1
+    max_queue: int = 64
     max_pdf_pages: int = 2000
     max_prompt_chars: int = 4000
     metrics: bool = True  # GET /metrics (Prometheus) and its bookkeeping
@@ -55,7 +56,7 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--image-root", dict(help="confine `path` images to this folder")),
     ("--allow-private-urls", dict(action="store_true",
                                   help="let `url` images come from loopback/private/link-local addresses")),
-    ("--api-key", dict(help="require `Authorization: Bearer KEY` on /ocr")),
+    ("--api-key", dict(help="require `Authorization: Bearer KEY` on /ocr and /v1/...")),
     ("--max-body-mb", dict(type=float, help="largest request body accepted")),
     ("--max-image-pixels", dict(type=int, help="largest decoded image (width x height)")),
     ("--max-new-tokens-limit", dict(type=int, help="largest max_new_tokens a request may ask for")),
@@ -65,6 +66,8 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
                             "(default: on with CUDA, off on CPU)")),
     ("--threads", dict(type=int, help="request threads (one request runs; the others get 429)")),
     ("--max-batch-size", dict(type=int, help="requests that generate together (1: one at a time, as API.md)")),
+    ("--max-queue", dict(type=int, help="/v1 requests that wait for a slot when all are busy (more: 429); "
+                                        "/ocr never waits")),
     ("--max-pdf-pages", dict(type=int, help="largest PDF (pages) accepted, checked when it is opened")),
     ("--max-prompt-chars", dict(type=int, help="longest `prompt` (question) for prompt_general")),
     ("--metrics", dict(action=argparse.BooleanOptionalAction,

@@ -48,6 +48,7 @@ def health():
         body["fast_path"] = bool(getattr(runner, "fast_path", False))
     body["max_batch_size"] = state.lock.size
     body["running"] = state.lock.running
+    body["queued"] = state.lock.queued
     body["prompt_types"] = list(PROMPT_TYPES)
     return jsonify(body)
 

@@ -95,7 +95,7 @@ def test_n_plus_one_gets_429_with_retry_after(runner2, page_path):
         assert health["max_batch_size"] == 2 and health["running"] == 2
         third = client.post("/ocr", json=_body(page_path))
         assert third.status_code == 429
-        assert third.get_json() == {"error": BUSY_MESSAGE}
+        assert third.get_json()["error"] == BUSY_MESSAGE
         assert int(third.headers["Retry-After"]) >= 1
         held.release()
         for thread in threads:
@@ -119,7 +119,7 @@ def test_default_one_slot_is_api_md_busy(runner, page_path):
         assert health["max_batch_size"] == 1 and health["running"] == 1
         second = client.post("/ocr", json=_body(page_path))
         assert second.status_code == 429
-        assert second.get_json() == {"error": "Server is busy processing another request"}
+        assert second.get_json()["error"] == "Server is busy processing another request"
         held.release()
         thread.join(60)
     assert results[0][0] == 200
@@ -160,7 +160,7 @@ def test_runner_with_fewer_slots_than_the_server_answers_429(runner, page_path):
         thread = _in_background(app, _body(page_path), results)
         _wait_until(lambda: runner.running == 1)
         second = client.post("/ocr", json=_body(page_path))
-        assert second.status_code == 429 and second.get_json() == {"error": BUSY_MESSAGE}
+        assert second.status_code == 429 and second.get_json()["error"] == BUSY_MESSAGE
         assert second.headers["Retry-After"] == "1"
         assert client.get("/health").get_json()["running"] == 1  # the refused request gave its slot back
         held.release()
