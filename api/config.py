@@ -29,6 +29,12 @@ class ServerConfig:
     max_batch_size: int = 1
     max_pdf_pages: int = 2000
     max_prompt_chars: int = 4000
+    # The HTTP server (api/serving.py): slow clients and shutdown (issues 14, 15).
+    connection_limit: int = 1000
+    idle_timeout: float = 15.0
+    request_timeout: float = 60.0
+    max_header_kb: int = 64
+    graceful_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -65,6 +71,14 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-batch-size", dict(type=int, help="requests that generate together (1: one at a time, as API.md)")),
     ("--max-pdf-pages", dict(type=int, help="largest PDF (pages) accepted, checked when it is opened")),
     ("--max-prompt-chars", dict(type=int, help="longest `prompt` (question) for prompt_general")),
+    ("--connection-limit", dict(type=int, help="open connections at most (more wait in the listen backlog)")),
+    ("--idle-timeout", dict(type=float, help="seconds a connection may send nothing before it is closed "
+                                             "(between requests or mid-request)")),
+    ("--request-timeout", dict(type=float, help="seconds a client has to send one whole request "
+                                                "(headers and body), however steadily it drips")),
+    ("--max-header-kb", dict(type=int, help="largest request line + headers, in KiB (431 beyond)")),
+    ("--graceful-timeout", dict(type=float, help="on SIGTERM, seconds running requests may still finish "
+                                                 "before they are stopped (503 / last stream line)")),
 ]
 
 
