@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import signal
 import socket
 import threading
@@ -312,3 +313,138 @@ def test_demo_checkpoint_is_built_once_and_reused(tmp_path, monkeypatch):
     assert ensure_demo_checkpoint(path) == path
     assert (path / "config.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+# -- inputs that reached a 500, and echoes (14.1, 15.3, 15.5) -------------------------------------
+
+
+@pytest.fixture()
+def client(runner):
+    from server import create_app
+
+    return create_app({}, runner=runner).test_client()
+
+
+@pytest.mark.parametrize("raw", ["[" * 5000, "]" * 10 + "[" * 5000, '{"a":' * 5000, "[" * 3000 + "]" * 3000,
+                                 '{"a":' * 3000 + "1" + "}" * 3000, '{"image": ' + "[" * 100_000])
+def test_deeply_nested_json_is_400(client, raw):
+    response = client.post("/ocr", data=raw, content_type="application/json")
+    assert response.status_code == 400
+    assert "nested deeper than" in response.get_json()["error"]
+
+
+def test_nesting_inside_strings_is_not_depth(client):
+    response = client.post("/ocr", data=json.dumps({"image": "[" * 5000, "image_format": "base64"}),
+                           content_type="application/json")
+    assert response.status_code == 400 and "nested" not in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/tmp/\ud800", "\udc80", "/tmp/a\udfff/b.png"])
+def test_lone_surrogate_in_path_is_json_4xx(client, path):
+    response = client.post("/ocr", data=json.dumps({"image": path, "image_format": "path"}),
+                           content_type="application/json")
+    assert 400 <= response.status_code < 500
+    assert response.is_json and "error" in response.get_json()
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 5e-324, 1e-5])
+def test_vanishing_temperature_is_refused(client, temperature):
+    response = client.post("/ocr", json={"image": PAGE, "image_format": "base64", "temperature": temperature})
+    assert response.status_code == 400
+    assert "temperature" in response.get_json()["error"] and "greedy" in response.get_json()["error"]
+
+
+@pytest.mark.parametrize("bbox", [[64, 0, 100, 10], [0, 64, 10, 90], [500, 500, 600, 600]])
+def test_bbox_entirely_outside_the_image_is_400(client, bbox):
+    response = client.post("/ocr", json={"image": PAGE, "image_format": "base64", "max_new_tokens": 2,
+                                         "prompt_type": "prompt_grounding_ocr", "bbox": bbox})
+    assert response.status_code == 400
+    assert "entirely outside the image (64 x 64 pixels)" in response.get_json()["error"]
+
+
+def test_errors_do_not_echo_huge_inputs(client):
+    field = "x" * 1_000_000
+    response = client.post("/ocr", json={"image": PAGE, "image_format": "base64", field: 1})
+    assert response.status_code == 400 and len(response.get_json()["error"]) < 1000
+    assert "1000000 characters in all" in response.get_json()["error"]
+    response = client.post("/ocr", json={"image": "/nowhere/" + "p" * 100_000, "image_format": "path"})
+    assert response.status_code == 400 and len(response.get_json()["error"]) < 1000
+
+
+# -- a URL that drips (15.1) ---------------------------------------------------------------------
+
+
+class _DripHandler(BaseHTTPRequestHandler):
+    """An origin that sends one byte every 0.2 s: in its headers, or in a body without a length
+    that would end when the connection closes. Each byte keeps a per-read timeout alive."""
+
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/headers":
+            prefix, drip = b"HTTP/1.0 200 OK\r\n", b"X-Slow: " + b"a" * 1000
+        else:
+            prefix, drip = b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\n\r\n", b"\x89PNG" + b"a" * 1000
+        try:
+            self.wfile.write(prefix)
+            for byte in drip:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def drip_origin():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _DripHandler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("path", ["/headers", "/body-until-close"])
+def test_url_fetch_has_one_deadline_over_a_dripping_origin(drip_origin, path):
+    from image_utils import ImageInputError, ImagePolicy, load_image
+
+    policy = ImagePolicy(allow_private_urls=True, url_read_timeout=1.0, url_total_timeout=1.5)
+    started = time.monotonic()
+    with pytest.raises(ImageInputError) as caught:
+        load_image(drip_origin + path, "url", policy)
+    assert "did not finish within 1.5 s" in caught.value.message
+    assert time.monotonic() - started < 60  # the drip itself lasts 200 s
+
+
+# -- PDFs (14.2) ---------------------------------------------------------------------------------
+
+
+def test_pdf_render_deadline_is_413():
+    from image_utils import ImageInputError, ImagePolicy, load_document
+    from test_image_utils import make_pdf
+
+    pdf = base64.b64encode(make_pdf([(595, 842)])).decode()
+    with pytest.raises(ImageInputError) as caught:
+        load_document(pdf, "base64", ImagePolicy(pdf_render_timeout=0.0))
+    assert caught.value.status == 413 and "took longer than the limit of 0 s" in caught.value.message
+
+
+def test_repeated_big_pdfs_leave_memory_flat():
+    from image_utils import ImagePolicy, load_document
+    from test_image_utils import make_pdf
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    pdf = base64.b64encode(make_pdf([(595, 842)] * 300)).decode()
+    load_document(pdf, "base64", ImagePolicy(), page=300, dpi=200)  # warm-up: libraries' one-off memory
+    before = rss_mb()
+    for _ in range(6):
+        load_document(pdf, "base64", ImagePolicy(), page=300, dpi=200)
+    assert rss_mb() - before < 40  # each render holds a 1654 x 2339 page (11 MB): none is kept
