@@ -45,6 +45,8 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
         runner = ModelRunner.from_config(config)
     state = ServerState(config, runner)
     app.extensions["dots_ocr"] = state
+    if config.device != "cpu":
+        _check_gpu(state)
     if not runner.loaded:
         state.start_loading()
 
@@ -53,6 +55,17 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
 
     app.register_blueprint(ocr_routes)
     return app
+
+
+def _check_gpu(state: ServerState) -> None:
+    """A GPU that torch cannot use (driver too old for torch's CUDA build): say so loudly, in
+    the log and in /health (api/gpu_check.py)."""
+    from api.gpu_check import gpu_warning
+
+    state.gpu_warning = gpu_warning()
+    if state.gpu_warning:
+        banner = "!" * 100
+        log.warning("\n%s\nGPU NOT USED: %s\n%s", banner, state.gpu_warning, banner)
 
 
 MISSING_WEIGHTS = """\

@@ -40,6 +40,8 @@ def health():
         body["warning"] = DEMO_NOTICE
     if state.load_error:
         body["load_error"] = state.load_error
+    if state.gpu_warning:
+        body["gpu_warning"] = state.gpu_warning
     if state.model_loaded:
         body["device"] = str(runner.device)
         body["dtype"] = str(runner.dtype).removeprefix("torch.")

@@ -69,6 +69,7 @@ class ServerState:
         # running generations stop once ``stop_generation`` is set (the grace time is over).
         self.shutting_down = threading.Event()
         self.stop_generation = threading.Event()
+        self.gpu_warning: str | None = None  # a GPU torch cannot use (api/gpu_check.py)
 
     @property
     def model_loaded(self) -> bool:

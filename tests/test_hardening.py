@@ -448,3 +448,60 @@ def test_repeated_big_pdfs_leave_memory_flat():
     for _ in range(6):
         load_document(pdf, "base64", ImagePolicy(), page=300, dpi=200)
     assert rss_mb() - before < 40  # each render holds a 1654 x 2339 page (11 MB): none is kept
+
+
+# -- a GPU that torch cannot use (14.5), simulated --------------------------------------------
+
+
+def test_driver_version_probes(tmp_path, monkeypatch):
+    from api import gpu_check
+
+    proc = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+            "GCC version:  gcc version 12.2.0\n")
+    assert gpu_check.parse_proc_version(proc) == "535.104.05"
+    assert gpu_check.parse_proc_version("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  "
+                                        "Release Build") == "580.65.06"
+    monkeypatch.setattr(gpu_check, "PROC_VERSION", tmp_path / "version")
+    (tmp_path / "version").write_text(proc)
+    assert gpu_check.nvidia_driver_version() == "535.104.05"
+    (tmp_path / "version").unlink()
+    fake_smi = tmp_path / "nvidia-smi"
+    fake_smi.write_text("#!/bin/sh\necho 550.54.14\n")
+    fake_smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpu_check.nvidia_driver_version() == "550.54.14"
+    monkeypatch.setenv("PATH", str(tmp_path / "none"))
+    assert gpu_check.nvidia_driver_version() is None
+
+
+def test_mismatch_warning_names_versions_and_fix():
+    from api.gpu_check import mismatch_warning
+
+    warning = mismatch_warning("535.104.05", False, "13.0")
+    assert "CUDA 13.0" in warning and "driver >= 580" in warning and "535.104.05" in warning
+    assert "whl/cu126" not in warning and "update the driver" in warning  # 535 is older than every index
+    assert "whl/cu126" in mismatch_warning("565.57.01", False, "13.0")
+    assert "whl/cu128" in mismatch_warning("570.86.10", False, "13.0")
+    assert "CPU-only build" in mismatch_warning("580.65.06", False, None)
+    assert "CUDA_VISIBLE_DEVICES" in mismatch_warning("580.65.06", False, "13.0")
+    assert mismatch_warning("535.104.05", True, "12.1") is None
+    assert mismatch_warning(None, False, "13.0") is None
+
+
+def test_gpu_mismatch_is_logged_and_in_health(runner, monkeypatch, caplog):
+    import torch
+
+    from api import gpu_check
+    from server import create_app
+
+    monkeypatch.setattr(gpu_check, "nvidia_driver_version", lambda: "565.57.01")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with caplog.at_level("WARNING", logger="dots_ocr_server"):
+        body = create_app({"device": "auto"}, runner=runner).test_client().get("/health").get_json()
+    assert "driver >= 580" in body["gpu_warning"] and "565.57.01" in body["gpu_warning"]
+    assert "GPU NOT USED" in caplog.text and "whl/cu126" in caplog.text
+    # Asked for the CPU, or no NVIDIA driver on the machine: nothing to say.
+    assert "gpu_warning" not in create_app({"device": "cpu"}, runner=runner).test_client().get("/health").get_json()
+    monkeypatch.setattr(gpu_check, "nvidia_driver_version", lambda: None)
+    assert "gpu_warning" not in create_app({"device": "auto"}, runner=runner).test_client().get("/health").get_json()
