@@ -1,18 +1,15 @@
 """dots-ocr-server: the HTTP API of ../shared/spec/API.md on our own dots.ocr runner.
 
 ``create_app(config=None, runner=None)`` builds the Flask app from the route groups in ``api/``
-(blueprints); ``main()`` parses the command line and serves it with gunicorn (a production WSGI
-server: one process, several threads, so a request that finds every generation slot taken is
-answered 429 at once). Nothing happens at import time.
+(blueprints); ``main()`` parses the command line and serves it with waitress (a production WSGI
+server: one process, an event loop for the connections and several request threads, so a request
+that finds every generation slot taken is answered 429 at once; see api/serving.py). Nothing happens at import time.
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import logging
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from flask import Flask
@@ -21,7 +18,7 @@ from api.config import ServerConfig, parse_args
 from api.errors import (BUSY_MESSAGE, MODEL_NAME, NO_IMAGE_MESSAGE, NOT_LOADED_MESSAGE, RequestError,
                         register_error_handlers)
 from api.schemas import OCRRequest, validate_request
-from api.state import DEMO_NOTICE, ServerState, SlotPool
+from api.state import DEMO_NOTICE, ServerState, SlotPool, demo_checkpoint_dir
 
 __all__ = ["create_app", "main", "serve", "ServerConfig", "parse_args", "RequestError", "OCRRequest",
            "validate_request", "SlotPool", "BUSY_MESSAGE", "MODEL_NAME", "NO_IMAGE_MESSAGE", "NOT_LOADED_MESSAGE"]
@@ -44,12 +41,12 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
         from model_runner.runner import ModelRunner
 
         if config.demo:
-            demo_dir = Path(tempfile.mkdtemp(prefix="dots-ocr-demo-"))
-            atexit.register(shutil.rmtree, demo_dir, ignore_errors=True)
-            config = dataclasses.replace(config, model_path=str(demo_dir / "DotsOCR-tiny-random"))
+            config = dataclasses.replace(config, model_path=str(demo_checkpoint_dir()))
         runner = ModelRunner.from_config(config)
     state = ServerState(config, runner)
     app.extensions["dots_ocr"] = state
+    if config.device != "cpu":
+        _check_gpu(state)
     if not runner.loaded:
         state.start_loading()
 
@@ -66,6 +63,17 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
     if config.metrics:
         metrics.install(app, state)
     return app
+
+
+def _check_gpu(state: ServerState) -> None:
+    """A GPU that torch cannot use (driver too old for torch's CUDA build): say so loudly, in
+    the log and in /health (api/gpu_check.py)."""
+    from api.gpu_check import gpu_warning
+
+    state.gpu_warning = gpu_warning()
+    if state.gpu_warning:
+        banner = "!" * 100
+        log.warning("\n%s\nGPU NOT USED: %s\n%s", banner, state.gpu_warning, banner)
 
 
 MISSING_WEIGHTS = """\
@@ -92,37 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def serve(config: ServerConfig) -> None:
-    """Serve with gunicorn: one worker process (the model lives there), ``threads`` threads."""
-    from gunicorn.app.base import BaseApplication
+def serve(config: ServerConfig, runner=None) -> None:
+    """Serve with waitress (api/serving.py): one process (the model lives there), an event loop
+    that reads every connection, and ``threads`` request threads that only see complete requests;
+    SIGTERM drains gracefully. ``runner``: as in ``create_app`` (benchmarks pass their own)."""
+    from api.serving import GracefulShutdown, build_server, run
 
-    class _Gunicorn(BaseApplication):
-        def load_config(self):
-            settings = {
-                "bind": f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}",
-                "workers": 1,
-                "worker_class": "gthread",
-                # each request waiting in the /v1 queue holds a thread: add them, so that /health
-                # and /ocr are still answered while the queue is full
-                "threads": max(2, config.threads) + max(0, config.max_queue),
-                "timeout": 300,
-                "graceful_timeout": 10,
-                "keepalive": 5,
-                "accesslog": None,  # api.request_log writes one access line per request
-                "errorlog": "-",
-                "loglevel": "info",
-            }
-            # gunicorn >= 25.1 opens a control socket at one fixed path per user; two servers
-            # on one machine would fight over it, and nothing here uses it.
-            if "control_socket_disable" in self.cfg.settings:
-                settings["control_socket_disable"] = True
-            for key, value in settings.items():
-                self.cfg.set(key, value)
-
-        def load(self):
-            return create_app(config)
-
-    _Gunicorn().run()
+    app = create_app(config, runner=runner)
+    socket_map: dict = {}
+    server = build_server(app, config, socket_map)
+    run(server, socket_map, GracefulShutdown(app.extensions["dots_ocr"], config.graceful_timeout))
 
 
 if __name__ == "__main__":

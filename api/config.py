@@ -32,6 +32,12 @@ class ServerConfig:
     max_prompt_chars: int = 4000
     metrics: bool = True  # GET /metrics (Prometheus) and its bookkeeping
     log_format: str = "text"  # text | json (one JSON object per line)
+    # The HTTP server (api/serving.py): slow clients and shutdown (issues 14, 15).
+    connection_limit: int = 1000
+    idle_timeout: float = 15.0
+    request_timeout: float = 60.0
+    max_header_kb: int = 64
+    graceful_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -73,6 +79,14 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--metrics", dict(action=argparse.BooleanOptionalAction,
                        help="serve GET /metrics (Prometheus text format; open like /health)")),
     ("--log-format", dict(choices=["text", "json"], help="log lines as text or as one JSON object each")),
+    ("--connection-limit", dict(type=int, help="open connections at most (more wait in the listen backlog)")),
+    ("--idle-timeout", dict(type=float, help="seconds a connection may send nothing before it is closed "
+                                             "(between requests or mid-request)")),
+    ("--request-timeout", dict(type=float, help="seconds a client has to send one whole request "
+                                                "(headers and body), however steadily it drips")),
+    ("--max-header-kb", dict(type=int, help="largest request line + headers, in KiB (431 beyond)")),
+    ("--graceful-timeout", dict(type=float, help="on SIGTERM, seconds running requests may still finish "
+                                                 "before they are stopped (503 / last stream line)")),
 ]
 
 

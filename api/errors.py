@@ -12,6 +12,7 @@ MODEL_NAME = "dots-ocr"
 BUSY_MESSAGE = "Server is busy processing another request"
 NOT_LOADED_MESSAGE = "Model not loaded"
 NO_IMAGE_MESSAGE = "No image data provided"
+SHUTDOWN_MESSAGE = "server shutting down"
 
 
 class RequestError(Exception):

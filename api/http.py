@@ -23,12 +23,21 @@ def client_gone_probe(environ) -> Callable[[], bool] | None:
     """A cheap check, for the generation thread, that the HTTP client has closed its connection.
 
     Streams notice a gone client when a write fails; a non-streaming request writes nothing until
-    the end, so it looks at the socket: readable with nothing to read means the peer closed it.
-    gunicorn exposes the socket in the WSGI environ; no WSGI-level API tells this.
+    the end, so it needs to ask the server. waitress (server.py) offers
+    ``environ["waitress.client_disconnected"]`` (it keeps reading the connection while the request
+    runs, api/serving.py). Under gunicorn (``gunicorn 'server:create_app()'``) the socket is in the
+    environ: readable with nothing to read means the peer closed it. No WSGI-level API tells this.
     """
+    disconnected = environ.get("waitress.client_disconnected")
+    if callable(disconnected):
+        return disconnected
     sock = environ.get("gunicorn.socket")
     if not isinstance(sock, socket.socket):
         return None
+    return _socket_closed_probe(sock)
+
+
+def _socket_closed_probe(sock: socket.socket) -> Callable[[], bool]:
     last = [0.0]
     gone = [False]
 
@@ -48,6 +57,12 @@ def client_gone_probe(environ) -> Callable[[], bool] | None:
         return gone[0]
 
     return probe
+
+
+def any_of(*checks: Callable[[], bool] | None) -> Callable[[], bool]:
+    """One ``should_stop`` from several (None entries skipped)."""
+    present = [check for check in checks if check is not None]
+    return lambda: any(check() for check in present)
 
 
 def now_iso() -> str:

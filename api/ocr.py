@@ -16,8 +16,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from image_utils import clip_for_message
 from model_runner.prompts import PROMPT_TYPES
 
-from .errors import BUSY_MESSAGE, MODEL_NAME, NOT_LOADED_MESSAGE, RequestError
-from .http import check_api_key, client_gone_probe, json_body, ndjson, now_iso, once
+from .errors import BUSY_MESSAGE, MODEL_NAME, NOT_LOADED_MESSAGE, SHUTDOWN_MESSAGE, RequestError
+from .http import any_of, check_api_key, client_gone_probe, json_body, ndjson, now_iso, once
 from .metrics import job_observer
 from .request_log import current_request_id
 from .schemas import OCRRequest, validate_request
@@ -42,6 +42,8 @@ def health():
         body["warning"] = DEMO_NOTICE
     if state.load_error:
         body["load_error"] = state.load_error
+    if state.gpu_warning:
+        body["gpu_warning"] = state.gpu_warning
     if state.model_loaded:
         body["device"] = str(runner.device)
         body["dtype"] = str(runner.dtype).removeprefix("torch.")
@@ -50,6 +52,8 @@ def health():
     body["running"] = state.lock.running
     body["queued"] = state.lock.queued
     body["prompt_types"] = list(PROMPT_TYPES)
+    if state.shutting_down.is_set():
+        body["shutting_down"] = True
     return jsonify(body)
 
 
@@ -57,6 +61,8 @@ def health():
 def ocr():
     state = current_state()
     config = state.config
+    if state.shutting_down.is_set():
+        raise RequestError(SHUTDOWN_MESSAGE, 503)
     check_api_key(config)
     req = validate_request(json_body(), config.max_new_tokens_limit, config.max_prompt_chars)
     if not state.model_loaded:
@@ -65,7 +71,9 @@ def ocr():
         raise RequestError(BUSY_MESSAGE, 429, headers={"Retry-After": "1"})
     release = once(state.lock.release)
     try:
-        job = _start_job(state.runner, state.policy, req, client_gone_probe(request.environ))
+        should_stop = any_of(client_gone_probe(request.environ), state.stop_generation.is_set)
+        job = _start_job(state.runner, state.policy, req, should_stop)
+        job.halted = state.stop_generation.is_set
     except BaseException:
         release()
         raise
@@ -84,6 +92,8 @@ def ocr():
         for piece in job.pieces:
             parts.append(piece.text)
             tokens.extend(piece.tokens)
+        if job.stopped_by_shutdown():
+            raise RequestError(SHUTDOWN_MESSAGE, 503)
         text = "".join(parts)
         body = {"model": MODEL_NAME, "response": text, "prompt_type": req.prompt_type}
         body.update(job.extra_fields(text, tokens))
@@ -127,6 +137,10 @@ class _Job:
     tokenizer: Any = None  # the runner's, to place the tokens in the answer (layout confidence)
     request_id: str | None = None
     on_finish: Callable[["_Job"], None] | None = None  # metrics and the access line (once)
+    halted: Callable[[], bool] = lambda: False  # true once a shutdown stops generations
+
+    def stopped_by_shutdown(self) -> bool:
+        return self.stats.finish_reason == "cancelled" and self.halted()
 
     def finish(self) -> None:
         """The generation has ended (stats are final): tell the metrics and the access log."""
@@ -263,6 +277,9 @@ def _stream_lines(job: _Job, release: Callable[[], None]) -> Iterator[bytes]:
                 text.append(piece.text)
                 yield line(piece.text, False, pending)
                 pending = []
+            if job.stopped_by_shutdown():
+                yield line("", True, error=SHUTDOWN_MESSAGE, request_id=job.request_id, **job.statistics())
+                return
             extra = job.extra_fields("".join(text), tokens)
         except Exception as exc:  # noqa: BLE001 - the client gets it as the stream's last line
             log.exception("generation failed mid-stream")

@@ -1,9 +1,13 @@
 """Application state: the runner, its background loading, and the generation slots."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 import threading
 from collections import deque
+from pathlib import Path
 from typing import Callable
 
 from image_utils import ImagePolicy
@@ -111,6 +115,11 @@ class ServerState:
                                   max_image_pixels=config.max_image_pixels, max_pdf_pages=config.max_pdf_pages)
         self.load_error: str | None = None
         self.loader: threading.Thread | None = None
+        # Shutdown (api/serving.py): new /ocr requests are refused once ``shutting_down`` is set;
+        # running generations stop once ``stop_generation`` is set (the grace time is over).
+        self.shutting_down = threading.Event()
+        self.stop_generation = threading.Event()
+        self.gpu_warning: str | None = None  # a GPU torch cannot use (api/gpu_check.py)
 
     @property
     def model_loaded(self) -> bool:
@@ -123,12 +132,58 @@ class ServerState:
     def _load(self) -> None:
         try:
             if self.config.demo:
-                from model_runner.tiny import build_tiny_checkpoint
-
-                build_tiny_checkpoint(self.runner.model_path, seed=0)
+                ensure_demo_checkpoint(Path(self.runner.model_path))
                 log.warning(DEMO_NOTICE)
             self.runner.load()
         except Exception as exc:  # noqa: BLE001 - reported in /health and the log, the server keeps serving
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("loading the model failed; /ocr answers 500 '%s'", NOT_LOADED_MESSAGE)
 
+
+
+def demo_checkpoint_dir() -> Path:
+    """Where ``--demo`` keeps its tiny checkpoint: a cache folder that later starts reuse (issue
+    15.5: a temporary folder was left behind when the server was killed), named after a hash of
+    the builder's source so that a changed builder builds anew."""
+    import model_runner.tiny as tiny
+
+    digest = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "dots-ocr-server" / f"demo-{digest}" / "DotsOCR-tiny-random"
+
+
+def ensure_demo_checkpoint(path: Path) -> Path:
+    """Build the demo checkpoint at ``path`` unless it is there. It is built in a sibling folder
+    named after this process and renamed into place when complete, so ``path`` existing means a
+    whole checkpoint, and servers starting together cannot see each other's half-written files."""
+    if path.is_dir():
+        log.info("demo checkpoint reused from %s", path)
+        return path
+    from model_runner.tiny import build_tiny_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(path.parent)
+    building = path.parent / f".building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    try:
+        build_tiny_checkpoint(building, seed=0)
+        try:
+            building.rename(path)
+        except OSError:  # another server put it there first: theirs is the same checkpoint
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    log.info("demo checkpoint built in %s", path)
+    return path
+
+
+def _remove_abandoned_builds(folder: Path) -> None:
+    """Half-built checkpoints of processes that no longer run (killed while building)."""
+    for leftover in folder.glob(".building-*"):
+        try:
+            os.kill(int(leftover.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass

@@ -8,7 +8,7 @@ Public API (other packages import only these names, from ``image_utils`` itself)
                              clip_for_message, decode_image_bytes, is_pdf_bytes, pdf_page_count,
                              PDFIUM_LOCK)
 """
-from .decode import decode_image_bytes, is_pdf_bytes
+from .decode import ALLOWED_FORMATS, decode_image_bytes, is_pdf_bytes
 from .errors import ImageInputError, clip_for_message
 from .geometry import (
     IMAGE_FACTOR,
@@ -24,6 +24,7 @@ from .pdf import PDFIUM_LOCK, pdf_page_count
 from .policy import ImagePolicy
 
 __all__ = [
+    "ALLOWED_FORMATS",
     "IMAGE_FACTOR",
     "IMAGE_FORMATS",
     "MAX_PIXELS",

@@ -264,7 +264,7 @@ def _watched_pools(deadline: _Deadline) -> dict:
     the TCP connection is made (before TLS, so a dripping handshake is cut off too).
 
     ``_new_conn`` is urllib3's one place where a connection's socket is created (1.x and 2.x);
-    there is no public hook at that point. tests/test_image_utils_url_deadline.py fails if it
+    there is no public hook at that point. tests/test_hardening.py (the dripping origin) fails if it
     stops being called.
     """
     from urllib3.connection import HTTPConnection, HTTPSConnection

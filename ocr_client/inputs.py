@@ -32,9 +32,6 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 INPUT_SUFFIXES = IMAGE_SUFFIXES + (".pdf",)
 SUPPORTED_TEXT = "PNG, JPEG, WebP, BMP, TIFF, GIF or PDF"
-# LOCAL EQUIVALENT, to remove once image_utils exports it: the Pillow formats the server decodes
-# (image_utils.decode.ALLOWED_FORMATS, which the image_utils package does not export).
-_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 #: Resolution of the throw-away render that checks a PDF and counts its pages (cheap: an A4 page
 #: is 298 x 421 px at 36 dpi, the lowest the loader accepts).
 _PROBE_DPI = 36
@@ -92,8 +89,10 @@ def _is_image(path: Path) -> bool:
     """True when Pillow recognises a supported image format from the header (no pixels decoded)."""
     from PIL import Image, UnidentifiedImageError
 
+    from image_utils import ALLOWED_FORMATS  # the Pillow formats the server decodes
+
     try:
-        with Image.open(path, formats=list(_IMAGE_FORMATS)):
+        with Image.open(path, formats=list(ALLOWED_FORMATS)):
             return True
     except Image.DecompressionBombError as exc:
         raise PageError(f"the image is too large to process ({exc})") from None

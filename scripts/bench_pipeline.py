@@ -245,28 +245,13 @@ def instant_runner(runner):
 
 
 def serve_stub(argv: list[str]) -> int:
-    """The server's app (``server.create_app``, gunicorn with server.py's flags) on a runner that
-    generates instantly (``instant_runner``)."""
+    """The server (``server.serve``: waitress, server.py's flags) on a runner that generates
+    instantly (``instant_runner``)."""
     import server
-    from gunicorn.app.base import BaseApplication
 
     config = server.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runner = make_server_runner(config)
-
-    class StubServer(BaseApplication):
-        def load_config(self):
-            self.cfg.set("bind", f"{config.host}:{config.port}")
-            self.cfg.set("workers", 1)
-            self.cfg.set("worker_class", "gthread")
-            self.cfg.set("threads", max(2, config.threads))
-            if "control_socket_disable" in self.cfg.settings:  # see server.serve
-                self.cfg.set("control_socket_disable", True)
-
-        def load(self):
-            return server.create_app(config, runner=runner)
-
-    StubServer().run()
+    server.serve(config, runner=make_server_runner(config))
     return 0
 
 
@@ -330,7 +315,7 @@ def parse_args(argv=None):
                         help="max_new_tokens of the HTTP requests (default: --new-tokens)")
     parser.add_argument("--http-only", action="store_true", help="with --url: skip the stage timings")
     parser.add_argument("--http-stub", action="store_true",
-                        help="also start server.py (gunicorn, same model flags) with a runner that generates "
+                        help="also start server.py (waitress, same model flags) with a runner that generates "
                              "instantly, and time the HTTP + image path alone against it")
     parser.add_argument("--stub-port", type=int, default=5099)
     parser.add_argument("--json-out", help="also write the JSON figures to this file")

@@ -1,7 +1,9 @@
-"""Start ``python server.py`` as a real process on a free port, for end-to-end tests."""
+"""Start ``python server.py`` as a real process on a free port, for end-to-end tests; and the one
+wait-until-loaded helper every test uses (over HTTP or through a Flask test client)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -9,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import requests
 
@@ -22,38 +24,85 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running_server(model_path: Path, *args: str, log_dir: Path, deadline_s: float = 120) -> Iterator[str]:
-    """Yield the base URL once ``/health`` says the model is loaded (polled, with a deadline);
-    stop the whole process group (gunicorn's arbiter and worker) afterwards."""
+def wait_until_loaded(health: Callable[[], dict[str, Any]], deadline_s: float = 120,
+                      failed: Callable[[], str | None] = lambda: None) -> dict[str, Any]:
+    """Poll ``health()`` (a /health body; an exception counts as "not yet") until it says
+    ``model_loaded``; return that body. ``failed()`` returns a reason to stop waiting early (e.g.
+    the server process exited). Raises AssertionError with the reason or on the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        reason = failed()
+        assert reason is None, reason
+        try:
+            body = health()
+            if body.get("model_loaded"):
+                return body
+        except (requests.RequestException, ValueError):
+            pass
+        assert time.monotonic() < deadline, f"the model did not load within {deadline_s} s"
+        time.sleep(0.05)
+
+
+@dataclasses.dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    url: str
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self) -> dict[str, Any]:
+        return requests.get(self.url + "/health", timeout=2).json()
+
+    def exited(self) -> str | None:
+        if self.proc.poll() is None:
+            return None
+        return f"server.py exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
+
+    def stop(self) -> None:
+        """SIGTERM to the whole process group; SIGKILL if it has not ended within 15 s."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+def start_server(model_path: Path | None, *args: str, log_dir: Path,
+                 env: dict[str, str] | None = None) -> ServerProcess:
+    """Start server.py (``--model-path model_path`` unless None, e.g. with ``--demo``) on a free
+    port; it is not waited for."""
     port = free_port()
     log_path = Path(log_dir) / f"server-{port}.log"
+    model_args = ["--model-path", str(model_path)] if model_path is not None else []
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "server.py", "--model-path", str(model_path), "--port", str(port), "--device", "cpu",
-             *args],
+            [sys.executable, "server.py", *model_args, "--port", str(port), "--device", "cpu", *args],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + deadline_s
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-                try:
-                    if requests.get(url + "/health", timeout=2).json().get("model_loaded"):
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server.py did not load its model in time:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.1)
-            yield url
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
+    return ServerProcess(proc, f"http://127.0.0.1:{port}", port, log_path)
+
+
+@contextlib.contextmanager
+def running_server(model_path: Path | None, *args: str, log_dir: Path, deadline_s: float = 120,
+                   env: dict[str, str] | None = None) -> Iterator[str]:
+    """Yield the base URL once ``/health`` says the model is loaded; stop the server afterwards."""
+    with running_server_process(model_path, *args, log_dir=log_dir, deadline_s=deadline_s, env=env) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def running_server_process(model_path: Path | None, *args: str, log_dir: Path, deadline_s: float = 120,
+                           env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """Like ``running_server`` but yields the ServerProcess (to signal it, read its log)."""
+    server = start_server(model_path, *args, log_dir=log_dir, env=env)
+    try:
+        wait_until_loaded(server.health, deadline_s, failed=server.exited)
+        yield server
+    finally:
+        server.stop()

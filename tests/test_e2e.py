@@ -1,4 +1,4 @@
-"""End to end: ``python server.py`` as a real process (gunicorn) on the tiny checkpoint, talked
+"""End to end: ``python server.py`` as a real process (waitress) on the tiny checkpoint, talked
 to over HTTP with ``requests``."""
 from __future__ import annotations
 

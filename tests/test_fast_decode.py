@@ -448,7 +448,7 @@ def test_bench_http_path_against_a_live_server(runner):
 
 
 def test_bench_http_stub_times_the_http_and_image_path(tmp_path):
-    """--http-stub starts server.py (gunicorn) with an instant generate and times the rest."""
+    """--http-stub starts server.py (waitress) with an instant generate and times the rest."""
     import socket
 
     with socket.socket() as probe:

@@ -1,5 +1,5 @@
 """The OpenAI routes (issue 10): Flask test-client tests of the protocol, SlotPool's FIFO queue,
-then a real server (gunicorn) driven by the official ``openai`` package and by raw HTTP, and
+then a real server (waitress) driven by the official ``openai`` package and by raw HTTP, and
 Schemathesis against ``/openapi.json``."""
 from __future__ import annotations
 

@@ -5,12 +5,12 @@ import datetime as dt
 import io
 import json
 import threading
-import time
 
 import pytest
 from PIL import Image
 
 from forcing import FailsAtStep
+from serverproc import wait_until_loaded
 from server import BUSY_MESSAGE, ServerConfig, create_app, main, parse_args
 
 # issue 12: every answer ends with how it ended and what it cost (Ollama's names, after API.md's fields)
@@ -90,14 +90,12 @@ def test_background_loading_then_ready(tiny_ckpt, page_path):
     app = create_app({"model_path": str(tiny_ckpt), "device": "cpu"})
     client = app.test_client()
     assert client.get("/health").status_code == 200  # answers while loading
-    deadline = time.monotonic() + 60
-    while not client.get("/health").get_json()["model_loaded"]:
-        assert time.monotonic() < deadline, "model did not load in time"
-        time.sleep(0.05)
+    wait_until_loaded(lambda: client.get("/health").get_json(), deadline_s=60)
     assert _ocr(client, image=str(page_path)).status_code == 200
 
 
-def test_demo_mode_is_announced(page_path):
+def test_demo_mode_is_announced(page_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where the demo checkpoint is built
     app = create_app({"demo": True, "device": "cpu"})
     client = app.test_client()
     body = client.get("/health").get_json()
