@@ -249,11 +249,43 @@ def test_shutdown_answers_a_running_plain_request_503(app_no_repetition_guard):
     _shut_down(state)
     worker.join(30)
     response = result["r"]
-    assert response.status_code == 503 and response.get_json() == {"error": "server shutting down"}
+    assert response.status_code == 503 and response.get_json()["error"] == "server shutting down"
     assert state.lock.running == 0
     again = app.test_client().post("/ocr", json=LONG)  # new requests during the shutdown
-    assert again.status_code == 503 and again.get_json() == {"error": "server shutting down"}
+    assert again.status_code == 503 and again.get_json()["error"] == "server shutting down"
     assert app.test_client().get("/health").get_json()["shutting_down"] is True
+
+
+def test_shutdown_stops_openai_requests_running_queued_and_new(app_no_repetition_guard):
+    """/v1 during a shutdown: the running completion and the one waiting in the queue get 503
+    in OpenAI's error shape, and so does a new one."""
+    app = app_no_repetition_guard
+    state = app.extensions["dots_ocr"]
+    body = {"model": "m", "max_tokens": 20000, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PAGE}},
+        {"type": "text", "text": "<|img|><|imgpad|><|endofimg|>Extract the text content from this image."}]}]}
+    results = []
+
+    def call():
+        results.append(app.test_client().post("/v1/chat/completions", json=body))
+
+    running = threading.Thread(target=call)
+    running.start()
+    _wait_running(state)
+    queued = threading.Thread(target=call)
+    queued.start()
+    deadline = time.monotonic() + 30
+    while state.lock.queued == 0:
+        assert time.monotonic() < deadline, "the second request never queued"
+        time.sleep(0.01)
+    _shut_down(state)
+    running.join(30)
+    queued.join(30)
+    assert [r.status_code for r in results] == [503, 503]
+    assert all(r.get_json()["error"]["message"] == "server shutting down" for r in results)
+    assert state.lock.running == 0 and state.lock.queued == 0
+    again = app.test_client().post("/v1/chat/completions", json=body)
+    assert again.status_code == 503 and again.get_json()["error"]["message"] == "server shutting down"
 
 
 def test_shutdown_ends_a_running_stream_with_an_error_line(app_no_repetition_guard):
@@ -288,7 +320,7 @@ def test_sigterm_mid_stream_sends_the_last_line_and_leaves_no_demo_folder(tmp_pa
             assert json.loads(next(lines))["done"] is False
             server.proc.send_signal(signal.SIGTERM)
             refused = requests.post(server.url + "/ocr", json=LONG, timeout=10)
-            assert refused.status_code == 503 and refused.json() == {"error": "server shutting down"}
+            assert refused.status_code == 503 and refused.json()["error"] == "server shutting down"
             rest = [json.loads(raw) for raw in lines]
         assert rest[-1]["done"] is True and rest[-1]["error"] == "server shutting down"
         assert server.proc.wait(timeout=30) == 0
