@@ -54,9 +54,13 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
         state.start_loading()
 
     register_error_handlers(app)
+    from api.inspect import bp as inspect_routes
     from api.ocr import bp as ocr_routes
+    from api.ui import bp as ui_routes
 
     app.register_blueprint(ocr_routes)
+    app.register_blueprint(inspect_routes)
+    app.register_blueprint(ui_routes)
     return app
 
 
