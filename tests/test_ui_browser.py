@@ -151,6 +151,7 @@ def test_upload_run_and_see_the_text_stream_in(page, server):
         getSelection().removeAllRanges();
         getSelection().addRange(range);
     }""")
+    page.fill("#inspect-layers", "-1")  # the last layer (keeps the test short)
     page.click("#inspect-selection")
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('Attention for')")
     assert page.is_visible("#heatmap")
@@ -204,7 +205,7 @@ def test_stop_cancels_and_frees_the_server(page, server):
 def test_busy_server_is_a_readable_error(page, server):
     """While another client holds the only slot, Run shows the 429 message."""
     _open(page, "demo_image1.jpg")
-    image = (ROOT / "samples" / "demo_image2.png").read_bytes()
+    image = (ROOT / "samples" / "demo_image1.jpg").read_bytes()  # the tiny model never ends this one
     import base64
 
     body = {"image": base64.b64encode(image).decode(), "image_format": "base64", "prompt_type": "prompt_layout_only_en",
@@ -212,6 +213,7 @@ def test_busy_server_is_a_readable_error(page, server):
     with requests.post(server + "/ocr", json=body, headers={"Authorization": f"Bearer {KEY}"}, stream=True,
                        timeout=120) as other:
         next(other.iter_lines())  # it is generating
+        assert requests.get(server + "/health", timeout=5).json()["running"] == 1
         _run(page, "prompt_ocr", 8)
         page.wait_for_selector("#error:not([hidden])")
         assert "busy" in page.text_content("#error") and "429" in page.text_content("#error")
