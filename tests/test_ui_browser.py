@@ -202,22 +202,27 @@ def test_stop_cancels_and_frees_the_server(page, server):
     assert page.errors == []
 
 
-def test_busy_server_is_a_readable_error(page, server):
-    """While another client holds the only slot, Run shows the 429 message."""
+def test_errors_are_readable_messages(page, server):
+    """A file the server cannot read (a real 400), and the server's 429 and 'Model not loaded'
+    answers (replayed here with the server's exact bodies: the random model cannot be made to hold
+    the only slot for a known time, and it is loaded)."""
+    page.set_input_files("#file-input", files=[{"name": "page.png", "mimeType": "image/png", "buffer": b"not a png"}])
+    page.wait_for_selector("#error:not([hidden])")
+    assert "refused" in page.text_content("#error") and page.is_disabled("#run")
     _open(page, "demo_image1.jpg")
-    image = (ROOT / "samples" / "demo_image1.jpg").read_bytes()  # the tiny model never ends this one
-    import base64
+    answers = iter([(429, "Server is busy processing another request"), (500, "Model not loaded")])
 
-    body = {"image": base64.b64encode(image).decode(), "image_format": "base64", "prompt_type": "prompt_layout_only_en",
-            "max_new_tokens": 4000, "stream": True}
-    with requests.post(server + "/ocr", json=body, headers={"Authorization": f"Bearer {KEY}"}, stream=True,
-                       timeout=120) as other:
-        next(other.iter_lines())  # it is generating
-        assert requests.get(server + "/health", timeout=5).json()["running"] == 1
+    def replay(route):
+        status, message = next(answers)
+        route.fulfill(status=status, content_type="application/json", body=json.dumps({"error": message}))
+
+    page.route("**/ocr", replay)
+    for expected in ("busy with another request (429)", "model is not loaded (500)"):
         _run(page, "prompt_ocr", 8)
-        page.wait_for_selector("#error:not([hidden])")
-        assert "busy" in page.text_content("#error") and "429" in page.text_content("#error")
-    _wait_idle(server)
+        page.wait_for_function("document.querySelector('#status').textContent === 'Failed.'")
+        assert expected in page.text_content("#error")
+        page.evaluate("document.querySelector('#status').textContent = ''")
+    assert not page.is_disabled("#run")
 
 
 LAYOUT_ANSWER = [

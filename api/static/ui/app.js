@@ -252,6 +252,7 @@ function requestBody(promptType, extra = {}) {
 
 function resetResults() {
   state.run = null;
+  lastAnswerSpan = null;
   $("answer").replaceChildren(document.createTextNode(""));
   $("markdown").replaceChildren();
   $("json").textContent = "";
@@ -477,6 +478,13 @@ export function toCodePoints(text, [start, end]) {
   return [first, first + count(text.slice(start, end))];
 }
 
+// The last selection inside the answer, kept: focusing the layer/head fields clears the page's selection.
+let lastAnswerSpan = null;
+document.addEventListener("selectionchange", () => {
+  const span = selectedAnswerSpan();
+  if (span) lastAnswerSpan = span;
+});
+
 function selectedAnswerSpan() {
   const selection = window.getSelection();
   const answer = $("answer");
@@ -563,8 +571,8 @@ viewer.onCell = (index) => {
 };
 
 $("inspect-selection").addEventListener("click", () => {
-  const span = selectedAnswerSpan();
-  if (!span) {
+  const span = selectedAnswerSpan() || lastAnswerSpan;
+  if (!span || !state.run || span[1] > state.run.text.length) {
     showError("Select some of the answer's text first (in the Answer tab).");
     return;
   }
