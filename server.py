@@ -52,14 +52,18 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
 
     register_error_handlers(app)
     from api import metrics, request_log
+    from api.inspect import bp as inspect_routes
     from api.ocr import bp as ocr_routes
     from api.openai import bp as openai_routes
     from api.openapi import bp as openapi_routes
+    from api.ui import bp as ui_routes
 
     request_log.install(app)
     app.register_blueprint(ocr_routes)
     app.register_blueprint(openai_routes)
     app.register_blueprint(openapi_routes)
+    app.register_blueprint(inspect_routes)
+    app.register_blueprint(ui_routes)
     if config.metrics:
         metrics.install(app, state)
     return app

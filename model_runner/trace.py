@@ -22,6 +22,7 @@ Shapes (one page, batch 1):
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -116,11 +117,13 @@ class TraceResult:
     heads: tuple[int, ...]  # query heads kept (all, unless asked); averaged when ``heads_averaged``
     heads_averaged: bool
     # layer -> [S, H', rows, cols]: probability mass each span token puts on each image token
-    # (H' = len(heads), or 1 when heads_averaged)
+    # (H' = len(heads), or 1 when heads_averaged; S = 1 when span_averaged)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     # layer -> [S, H']: probability mass on every other key (the prompt's text tokens, earlier
     # answer tokens, itself); attention.sum((-2, -1)) + other_mass == 1
     other_mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    # True: the maps were averaged over the span's tokens while tracing (one row per layer)
+    span_averaged: bool = False
     # vision tower outputs, index 0 = patch embeddings, j + 1 = block j: [t, h, w, E] on the patch grid
     vision_blocks: dict[int, torch.Tensor] | None = None
 
@@ -132,6 +135,10 @@ class TraceResult:
         if missing or not layers:
             raise ValueError(f"layers {missing or layers} were not traced (traced: {list(self.layers)})")
         start, end = self.span
+        if self.span_averaged:
+            if tokens is not None:
+                raise ValueError("the maps were averaged over the span while tracing: no per-token rows")
+            return torch.stack([self.attention[layer] for layer in layers]).mean(dim=(0, 1, 2))
         picked = list(range(start, end)) if tokens is None else list(tokens)
         if not picked or any(not start <= i < end for i in picked):
             raise ValueError(f"tokens must lie inside the traced span [{start}, {end})")
@@ -234,14 +241,21 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, query_positions: torc
 
 class _LayerCapture:
     """Hooks on one decoder layer's attention: keep q_proj / k_proj outputs, and when the module
-    finishes, turn them into attention-to-image maps for the span's queries (then drop them)."""
+    finishes, turn them into attention-to-image maps for the span's queries (then drop them).
 
-    def __init__(self, attn, query_positions: torch.Tensor, image: range, heads: list[int], average: bool):
+    The hooks act only on the tracing thread: a server may run other requests' decode steps
+    through the same modules meanwhile (``--max-batch-size`` > 1), and those must neither be
+    captured nor disturbed."""
+
+    def __init__(self, attn, query_positions: torch.Tensor, image: range, heads: list[int], average: bool,
+                 average_span: bool = False):
         self.attn = attn
         self.query_positions = query_positions
         self.image = image
         self.heads = heads
         self.average = average
+        self.average_span = average_span
+        self.thread = threading.get_ident()
         self.q = self.k = None
         self.maps: torch.Tensor | None = None  # [S, H', n_image]
         self.other: torch.Tensor | None = None  # [S, H']
@@ -253,10 +267,13 @@ class _LayerCapture:
 
     def _keep(self, name: str):
         def hook(module, args, output):
-            setattr(self, name, output)
+            if threading.get_ident() == self.thread:
+                setattr(self, name, output)
         return hook
 
     def _finish(self, module, args, kwargs, output) -> None:
+        if threading.get_ident() != self.thread:
+            return
         if getattr(module, "sliding_window", None):
             raise NotImplementedError("attention maps for sliding-window layers are not supported")
         cos, sin = kwargs["position_embeddings"]  # [1, L, D] each, in the model's dtype
@@ -276,9 +293,15 @@ class _LayerCapture:
             rest = probs[..., :self.image.start].sum(-1) + probs[..., self.image.stop:].sum(-1)  # [H', s]
             if self.average:
                 image, rest = image.mean(0, keepdim=True), rest.mean(0, keepdim=True)
+            if self.average_span:  # keep sums over the chunk's tokens: [H', 1, ...]
+                image, rest = image.sum(1, keepdim=True), rest.sum(1, keepdim=True)
             maps.append(image.transpose(0, 1).cpu())  # [s, H', n_image]
             other.append(rest.transpose(0, 1).cpu())
         self.maps, self.other = torch.cat(maps), torch.cat(other)
+        if self.average_span:  # chunk sums -> the mean over the span: [1, H', n_image]
+            count = len(self.query_positions)
+            self.maps = self.maps.sum(0, keepdim=True) / count
+            self.other = self.other.sum(0, keepdim=True) / count
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -286,14 +309,18 @@ class _LayerCapture:
 
 
 class _OutputCapture:
-    """Keep a module's output (optionally a slice of its rows) on the CPU."""
+    """Keep a module's output (optionally a slice of its rows) on the CPU; like ``_LayerCapture``,
+    only for calls on the tracing thread."""
 
     def __init__(self, module, rows: slice | None = None, to_cpu: bool = True):
         self.value = None
+        self.thread = threading.get_ident()
         self.handle = module.register_forward_hook(self._hook)
         self.rows, self.to_cpu = rows, to_cpu
 
     def _hook(self, module, args, output):
+        if threading.get_ident() != self.thread:
+            return
         value = output[0] if isinstance(output, tuple) else output
         value = value if self.rows is None else value[:, self.rows]
         self.value = value.detach().cpu() if self.to_cpu else value.detach()
@@ -361,8 +388,8 @@ def _image_grid(runner, inputs, stats: GenerationStats) -> ImageGrid:
 def trace(runner, image: Image.Image, prompt_type: str, *, layers: Sequence[int] | None = None,
           heads: Sequence[int] | None = None, average_heads: bool = False, bbox=None, text: str | None = None,
           span: tuple[int, int] | None = None, char_span: tuple[int, int] | None = None,
-          max_new_tokens: int = 256, temperature: float = 0.0,
-          vision_blocks: bool | Sequence[int] = False) -> TraceResult:
+          max_new_tokens: int = 256, temperature: float = 0.0, question: str | None = None,
+          average_span: bool = False, vision_blocks: bool | Sequence[int] = False) -> TraceResult:
     """Trace one answer for ``image`` and ``prompt_type`` (``bbox`` for grounding, original pixels).
 
     The answer is ``text`` when given (e.g. what ``/ocr`` returned; it is tokenized), else it is
@@ -370,6 +397,8 @@ def trace(runner, image: Image.Image, prompt_type: str, *, layers: Sequence[int]
     answer tokens in ``span`` ([start, end) token indices) or ``char_span`` ([start, end)
     characters of the answer), default all, for ``layers`` (default all; negative indices count
     from the end) and query ``heads`` (default all; ``average_heads`` keeps only their mean).
+    ``average_span`` keeps only the mean over the span's tokens (one row per layer: memory no
+    longer grows with the span). ``question``: the user's prompt, for ``prompt_general``.
     ``vision_blocks``: True for every vision block's output, or a list of indices
     (0 = patch embeddings, j + 1 = block j).
 
@@ -382,7 +411,7 @@ def trace(runner, image: Image.Image, prompt_type: str, *, layers: Sequence[int]
         raise GenerationInputError("max_new_tokens must be at least 1 and temperature >= 0")
     model, tokenizer = runner.model, runner.processor.tokenizer
     stats = GenerationStats()
-    inputs = runner.prepare(image, prompt_type, bbox, stats)
+    inputs = runner.prepare(image, prompt_type, bbox, stats, question=question)
     grid = _image_grid(runner, inputs, stats)
 
     if text is None:
@@ -406,7 +435,7 @@ def trace(runner, image: Image.Image, prompt_type: str, *, layers: Sequence[int]
     query_positions = torch.arange(prompt_len + start, prompt_len + end, device=answer_ids.device)  # [S]
 
     captures = {layer: _LayerCapture(model.model.layers[layer].self_attn, query_positions, grid.positions,
-                                     head_ids, average_heads) for layer in layer_ids}
+                                     head_ids, average_heads, average_span) for layer in layer_ids}
     # final hidden states at the positions that predict the answer tokens: [1, n, C]
     final = _OutputCapture(model.model.norm, slice(prompt_len - 1, prompt_len - 1 + len(token_ids)), to_cpu=False)
     vision = _vision_captures(model.vision_tower, vision_blocks)
@@ -430,7 +459,8 @@ def trace(runner, image: Image.Image, prompt_type: str, *, layers: Sequence[int]
     return TraceResult(prompt_type=prompt_type, text=answer, token_ids=list(token_ids), tokens=pieces,
                        offsets=offsets, logprobs=logprobs, grid=grid, span=(start, end),
                        layers=tuple(layer_ids), heads=tuple(head_ids), heads_averaged=average_heads,
-                       attention=attention, other_mass=other, vision_blocks=blocks)
+                       attention=attention, other_mass=other, span_averaged=average_span,
+                       vision_blocks=blocks)
 
 
 def _vision_captures(tower, vision_blocks) -> dict[int, _OutputCapture]:

@@ -6,7 +6,17 @@ import { renderMarkdown } from "./markdown.js";
 import { PageViewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
-const LAYOUT_TYPES = new Set(["prompt_layout_all_en", "prompt_layout_only_en", "prompt_grounding_ocr"]);
+const PROMPT_LABELS = {
+  prompt_layout_all_en: "layout + text",
+  prompt_layout_only_en: "layout only",
+  prompt_ocr: "plain text",
+  prompt_web_parsing: "web page layout",
+  prompt_scene_spotting: "scene text",
+  prompt_image_to_svg: "image to SVG",
+  prompt_general: "your own question",
+};
+const HIDDEN_PROMPT_TYPES = new Set(["prompt_grounding_ocr"]); // run by dragging a rectangle
+const QUESTION_TYPE = "prompt_general";
 
 const state = {
   config: null,
@@ -56,21 +66,45 @@ $("key-dialog").addEventListener("close", () => {
   if (value) {
     apiKey.set(value);
     clearError();
+    if (!state.config) loadConfig().catch(showError); // the first authenticated call, retried with the key
   }
 });
 $("change-key").addEventListener("click", () => askForKey());
 
 // -- server state -----------------------------------------------------------------------------
 
+/** The server's settings (behind the API key: a 401 here opens the key dialog via showError). */
 async function loadConfig() {
-  state.config = await getJson("/ui/config");
-  viewer.setColors(state.config.category_colors);
-  $("max-tokens").max = String(state.config.max_new_tokens_limit);
-  if (Number($("max-tokens").value) > state.config.max_new_tokens_limit) {
-    $("max-tokens").value = String(state.config.max_new_tokens_limit);
+  const config = await getJson("/ui/config");
+  state.config = config;
+  viewer.setColors(config.category_colors, config.fallback_color);
+  $("max-tokens").max = String(config.max_new_tokens_limit);
+  if (Number($("max-tokens").value) > config.max_new_tokens_limit) {
+    $("max-tokens").value = String(config.max_new_tokens_limit);
   }
-  if (state.config.api_key_required && !apiKey.get()) askForKey();
+  const select = $("prompt-type");
+  const chosen = select.value;
+  select.replaceChildren();
+  for (const name of config.prompt_types) {
+    if (HIDDEN_PROMPT_TYPES.has(name)) continue;
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = PROMPT_LABELS[name] ? `${PROMPT_LABELS[name]} (${name})` : name;
+    select.appendChild(option);
+  }
+  if (config.prompt_types.includes(chosen)) select.value = chosen;
+  promptTypeChanged();
+  $("run").disabled = !state.file || Boolean(state.controller);
 }
+
+/** The temperature follows the prompt type's default; the question box is for prompt_general. */
+function promptTypeChanged() {
+  const type = $("prompt-type").value;
+  $("question-field").hidden = type !== QUESTION_TYPE;
+  const defaults = state.config && state.config.default_temperatures;
+  if (defaults && type in defaults) $("temperature").value = String(defaults[type]);
+}
+$("prompt-type").addEventListener("change", promptTypeChanged);
 
 async function watchHealth() {
   const label = $("health");
@@ -206,12 +240,19 @@ function requestBody(promptType, extra = {}) {
     stream: true, ...extra,
   };
   if (state.file.kind === "pdf") body.page = state.page;
-  if (LAYOUT_TYPES.has(promptType)) body.postprocess = true;
+  if (promptType === QUESTION_TYPE) {
+    const question = $("question").value;
+    if (!question.trim()) throw new Error("Write your question for the model first (prompt_general).");
+    body.prompt = question;
+  }
+  // layout, markdown and confidence come from the server's postprocessing (not for plain text types)
+  if (state.config && state.config.postprocess_prompt_types.includes(promptType)) body.postprocess = true;
   return body;
 }
 
 function resetResults() {
   state.run = null;
+  lastAnswerSpan = null;
   $("answer").replaceChildren(document.createTextNode(""));
   $("markdown").replaceChildren();
   $("json").textContent = "";
@@ -430,6 +471,20 @@ function cellSpan(index) {
   throw new Error(`Cannot find cell #${index} in the answer's text (the answer was repaired).`);
 }
 
+/** A [start, end) span in UTF-16 units (JS string indices) -> code points (the server's indices). */
+export function toCodePoints(text, [start, end]) {
+  const count = (s) => Array.from(s).length;
+  const first = count(text.slice(0, start));
+  return [first, first + count(text.slice(start, end))];
+}
+
+// The last selection inside the answer, kept: focusing the layer/head fields clears the page's selection.
+let lastAnswerSpan = null;
+document.addEventListener("selectionchange", () => {
+  const span = selectedAnswerSpan();
+  if (span) lastAnswerSpan = span;
+});
+
 function selectedAnswerSpan() {
   const selection = window.getSelection();
   const answer = $("answer");
@@ -452,11 +507,13 @@ async function inspect(charSpan, label) {
   clearError();
   let body;
   try {
+    const run = state.run.body;
     body = {
-      image: state.file.base64, image_format: "base64", prompt_type: state.run.body.prompt_type,
-      text: state.run.text, char_span: charSpan,
+      image: run.image, image_format: "base64", prompt_type: run.prompt_type,
+      text: state.run.text, char_span: toCodePoints(state.run.text, charSpan),
     };
-    if (state.file.kind === "pdf") body.page = state.page;
+    if (run.page !== undefined) body.page = run.page;
+    if (run.prompt !== undefined) body.prompt = run.prompt;
     const layers = parseIndexList($("inspect-layers").value, "Layers");
     const heads = parseIndexList($("inspect-heads").value, "Heads");
     if (layers) body.layers = layers;
@@ -474,7 +531,8 @@ async function inspect(charSpan, label) {
     describeInspection(result, label);
     setStatus(`Attention for ${label}: ${(100 * result.image_mass).toFixed(1)} % of it on the page.`);
   } catch (error) {
-    setStatus(error.name === "AbortError" ? "Stopped." : "Failed.");
+    // /inspect is one forward pass: the server finishes it even when the page stops waiting
+    setStatus(error.name === "AbortError" ? "Stopped waiting (the server finishes this one computation)." : "Failed.");
     if (error.name !== "AbortError") showError(error);
   } finally {
     setBusy(null);
@@ -486,8 +544,9 @@ function describeInspection(result, label) {
   info.replaceChildren();
   const head = document.createElement("div");
   const layers = result.layers.length > 6 ? `${result.layers.length} layers` : `layers ${result.layers.join(", ")}`;
-  head.textContent = `${label}: tokens ${result.span[0]}–${result.span[1] - 1}, ${layers}, ` +
-    `${result.heads.length} heads, grid ${result.grid.rows} × ${result.grid.cols}`;
+  head.textContent = `${label}: tokens ${result.span[0]}–${result.span[1] - 1} of ${result.token_count}, ` +
+    `${layers}, ${result.heads.length} heads averaged, image-token grid ${result.grid.rows} × ${result.grid.cols} ` +
+    `(one cell = ${result.grid.cell_pixels} px of the model input)`;
   const tokens = document.createElement("div");
   for (const token of result.tokens) {
     const chip = document.createElement("span");
@@ -495,7 +554,7 @@ function describeInspection(result, label) {
     const p = Math.exp(token.logprob);
     chip.style.backgroundColor = `rgba(34, 102, 204, ${(0.1 + 0.6 * p).toFixed(2)})`;
     chip.title = `p = ${p.toFixed(3)}`;
-    chip.textContent = token.text || "·";
+    chip.textContent = token.token || "·";
     tokens.appendChild(chip);
   }
   info.append(head, tokens);
@@ -512,8 +571,8 @@ viewer.onCell = (index) => {
 };
 
 $("inspect-selection").addEventListener("click", () => {
-  const span = selectedAnswerSpan();
-  if (!span) {
+  const span = selectedAnswerSpan() || lastAnswerSpan;
+  if (!span || !state.run || span[1] > state.run.text.length) {
     showError("Select some of the answer's text first (in the Answer tab).");
     return;
   }
@@ -537,5 +596,13 @@ for (const tab of document.querySelectorAll("[data-tab]")) {
 
 // -- start --------------------------------------------------------------------------------------
 
-loadConfig().catch(showError);
+/** First load: a server with a key answers 401 until one is given; ask for it without an error. */
+function firstLoad() {
+  loadConfig().catch((error) => {
+    if (error instanceof ApiError && error.status === 401 && !apiKey.get()) askForKey();
+    else showError(error);
+  });
+}
+
+firstLoad();
 watchHealth();

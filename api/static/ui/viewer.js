@@ -1,7 +1,7 @@
 // The page view: the page image, layout boxes (original-image pixels) coloured by category with a
 // hover card, a drag rectangle for grounding OCR, and the attention heatmap over the image-token grid.
 
-const FALLBACK_COLOR = [255, 0, 255];
+const FALLBACK_COLOR = [255, 0, 255]; // until the server's colours arrive (layout.FALLBACK_COLOR)
 const MIN_DRAG_PX = 6; // a smaller movement is a click, not a region
 
 export class PageViewer {
@@ -10,6 +10,7 @@ export class PageViewer {
     this.size = null; // [width, height] of the page in original pixels
     this.cells = [];
     this.colors = {};
+    this.fallback = FALLBACK_COLOR;
     this.onRegion = () => {};
     this.onCell = () => {};
     this.drag = null;
@@ -32,12 +33,13 @@ export class PageViewer {
     this.stage.style.aspectRatio = `${width} / ${height}`;
   }
 
-  setColors(colors) {
+  setColors(colors, fallback) {
     this.colors = colors || {};
+    this.fallback = fallback || FALLBACK_COLOR;
   }
 
   colorOf(category) {
-    return this.colors[category] || FALLBACK_COLOR;
+    return this.colors[category] || this.fallback;
   }
 
   percent(value, total) {
@@ -113,11 +115,12 @@ export class PageViewer {
       title.textContent = `#${box.dataset.index} ${cell.category ?? "?"}`;
       const text = typeof cell.text === "string" ? cell.text : "";
       body.textContent = text ? (text.length > 400 ? `${text.slice(0, 400)}…` : text) : "(no text)";
-      if (typeof cell.confidence === "number") {
-        const confidence = document.createElement("div");
-        confidence.className = "tooltip-confidence";
-        confidence.textContent = `confidence ${cell.confidence.toFixed(3)}`;
-        card.append(title, confidence, body);
+      const confidence = describeConfidence(cell.confidence);
+      if (confidence) {
+        const line = document.createElement("div");
+        line.className = "tooltip-confidence";
+        line.textContent = confidence;
+        card.append(title, line, body);
         this.positionTooltip(box);
         return;
       }
@@ -217,6 +220,20 @@ export class PageViewer {
   clearHeatmap() {
     this.heatmap.hidden = true;
   }
+}
+
+/**
+ * A cell's confidence as text, or "" when it has none: a number, or {min, mean} (the
+ * probabilities of the cell's tokens, from the server's logprobs postprocessing).
+ */
+export function describeConfidence(confidence) {
+  const shown = (value) => (typeof value === "number" && Number.isFinite(value) ? value.toFixed(3) : null);
+  if (typeof confidence === "number") return shown(confidence) ? `confidence ${shown(confidence)}` : "";
+  if (!confidence || typeof confidence !== "object") return "";
+  const parts = [];
+  if (shown(confidence.mean)) parts.push(`mean ${shown(confidence.mean)}`);
+  if (shown(confidence.min)) parts.push(`min ${shown(confidence.min)}`);
+  return parts.length ? `confidence: ${parts.join(", ")}` : "";
 }
 
 // Black-red-yellow-white ramp (a plain "hot" colour map), t in [0, 1].

@@ -1,0 +1,188 @@
+"""``POST /inspect``: where an answer looked on the page (issue 13).
+
+For one page and one answer (``text``, e.g. what ``/ocr`` returned, teacher-forced; or, without
+``text``, a greedy answer generated here) it runs ``runner.trace`` and returns the attention from a
+span of the answer's tokens to the image-token grid, averaged over the chosen layers, heads and
+the span's tokens, with the grid's geometry so that a client can lay it over the page.
+
+Request (JSON): the page fields of ``/ocr`` (``image``, ``image_format``, ``page``, ``dpi``,
+``prompt_type``, ``bbox``, ``prompt``; checked by the same code, with the same messages), and
+
+    text           str    the answer to trace (absent: generate one; ``max_new_tokens``, ``temperature``
+                          default 0 = greedy)
+    span           [s, e] answer tokens [s, e)          } at most one; absent: the whole answer
+    char_span      [s, e] answer characters [s, e)      } (code points, as Python indexes str)
+    layers         [int]  decoder layers (negative: from the end); absent: all
+    heads          [int]  query heads; absent: all
+    average_heads  bool   (default true) average heads while tracing (false: per-head masses too)
+    per_layer      bool   (default false) add each layer's own map and masses
+
+Response: ``attention`` (``grid.rows`` x ``grid.cols`` floats: mean attention probability per
+image token), ``image_mass`` (the share of the attention that went to the page at all), ``grid``
+(``rows``, ``cols``, ``cell_pixels``, ``model_size``, ``original_size``: cell (r, c) covers
+``[c, r, c + 1, r + 1] * cell_pixels`` model pixels, i.e. ``* original_size / model_size`` original
+pixels), the span's ``tokens`` (``token``, ``id``, ``logprob``, ``offset``), ``span``, ``char_span``,
+``token_count``, ``layers``, ``heads``; ``text`` when the server generated it; ``per_layer`` when
+asked: ``[{"layer", "attention", "image_mass": [per head], "other_mass": [per head]}]`` where, per
+head, ``image_mass + other_mass == 1`` (a softmax row sums to 1 over all keys).
+
+It holds a generation slot like ``/ocr`` (429 with ``Retry-After`` when none is free) and obeys
+the same limits (body size, pixels, PDF pages, ``--max-new-tokens-limit`` for the answer's tokens).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import BUSY_MESSAGE, MODEL_NAME, NOT_LOADED_MESSAGE, RequestError
+from .http import check_api_key, json_body, once
+from .schemas import OCRRequest, _validation_message, validate_request
+from .state import ServerState
+
+bp = Blueprint("inspect", __name__)
+
+# The fields /inspect shares with /ocr (validated by validate_request, the same messages).
+PAGE_FIELDS = ("image", "image_format", "page", "dpi", "prompt_type", "bbox", "prompt", "temperature",
+               "max_new_tokens")
+DEFAULT_GENERATED_TOKENS = 1024  # without ``text`` and ``max_new_tokens``: how long an answer to generate
+SIGNIFICANT_DIGITS = 6  # of the floats in the JSON (float32 maps; more digits would be noise)
+
+
+class InspectOptions(BaseModel):
+    """The fields of ``/inspect`` beyond the page fields of ``/ocr``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: str | None = None
+    span: list[int] | None = None
+    char_span: list[int] | None = None
+    layers: list[int] | None = Field(None, min_length=1, max_length=1024)
+    heads: list[int] | None = Field(None, min_length=1, max_length=1024)
+    average_heads: bool = True
+    per_layer: bool = False
+
+    @field_validator("text")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value:
+            raise ValueError("must not be empty (leave it out to generate an answer)")
+        return value
+
+    @field_validator("span", "char_span")
+    @classmethod
+    def _range(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (len(value) != 2 or not 0 <= value[0] < value[1]):
+            raise ValueError("must be [start, end] with 0 <= start < end")
+        return value
+
+
+def _state() -> ServerState:
+    return current_app.extensions["dots_ocr"]
+
+
+def validate_inspect(body: Any, config) -> tuple[OCRRequest, InspectOptions, bool]:
+    """(the page part as an ``OCRRequest``, the inspect options, whether ``temperature`` was sent)."""
+    if not isinstance(body, dict):
+        raise RequestError("Request body must be a JSON object")
+    page = {key: value for key, value in body.items() if key in PAGE_FIELDS}
+    rest = {key: value for key, value in body.items() if key not in PAGE_FIELDS}
+    req = validate_request(page, config.max_new_tokens_limit, config.max_prompt_chars)
+    try:
+        options = InspectOptions.model_validate(rest)
+    except ValidationError as exc:
+        raise RequestError(_validation_message(exc.errors()[0])) from None
+    if options.span is not None and options.char_span is not None:
+        raise RequestError("Give 'span' (tokens) or 'char_span' (characters), not both")
+    return req, options, "temperature" in body
+
+
+def _rounded(values) -> Any:
+    """Nested lists of floats with SIGNIFICANT_DIGITS digits (a tensor's ``tolist()``)."""
+    if isinstance(values, list):
+        return [_rounded(v) for v in values]
+    return float(f"{values:.{SIGNIFICANT_DIGITS}g}")
+
+
+@bp.post("/inspect")
+def inspect():
+    state = _state()
+    config = state.config
+    check_api_key(config)
+    req, options, temperature_sent = validate_inspect(json_body(), config)
+    if not state.model_loaded:
+        raise RequestError(NOT_LOADED_MESSAGE, 500)
+    if not state.lock.acquire(blocking=False):
+        raise RequestError(BUSY_MESSAGE, 429, headers={"Retry-After": "1"})
+    release = once(state.lock.release)
+    try:
+        return jsonify(_run(state, req, options, temperature_sent))
+    finally:
+        release()
+
+
+def _count_tokens(runner, text: str) -> int:
+    return len(runner.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _run(state: ServerState, req: OCRRequest, options: InspectOptions, temperature_sent: bool) -> dict[str, Any]:
+    from image_utils import ImageInputError, load_document
+    from model_runner.runner import GenerationInputError
+
+    from .ocr import _check_bbox_inside
+
+    started = time.perf_counter()
+    runner, limit = state.runner, state.config.max_new_tokens_limit
+    try:
+        document = load_document(req.image, req.image_format, state.policy, page=req.page, dpi=req.dpi)
+    except ImageInputError as exc:
+        raise RequestError(exc.message, exc.status) from None
+    _check_bbox_inside(req, document.image.size)
+    if options.text is not None and _count_tokens(runner, options.text) > limit:
+        raise RequestError(f"Invalid 'text': longer than {limit} tokens (the server's --max-new-tokens-limit)")
+    max_new_tokens = req.max_new_tokens if "max_new_tokens" in req.model_fields_set else DEFAULT_GENERATED_TOKENS
+    try:
+        result = runner.trace(
+            document.image, req.prompt_type, bbox=req.bbox, question=req.prompt, text=options.text,
+            span=options.span, char_span=options.char_span, layers=options.layers, heads=options.heads,
+            average_heads=options.average_heads, average_span=True, max_new_tokens=min(max_new_tokens, limit),
+            temperature=req.temperature if temperature_sent else 0.0)
+    except GenerationInputError as exc:
+        raise RequestError(str(exc), 400) from None
+    return _response(result, req, options, document, started)
+
+
+def _response(result, req: OCRRequest, options: InspectOptions, document, started: float) -> dict[str, Any]:
+    start, end = result.span
+    body: dict[str, Any] = {"model": MODEL_NAME, "prompt_type": req.prompt_type}
+    if options.text is None:
+        body["text"] = result.text
+    body.update({
+        "token_count": len(result.token_ids),
+        "span": [start, end],
+        "char_span": [result.offsets[start][0], result.offsets[end - 1][1]],
+        "tokens": [{"token": result.tokens[i], "id": result.token_ids[i], "logprob": result.logprobs[i],
+                    "offset": list(result.offsets[i])} for i in range(start, end)],
+        "layers": list(result.layers),
+        "heads": list(result.heads),
+        "heads_averaged": result.heads_averaged,
+        "grid": {**result.grid.to_dict(), "first_position": result.grid.first_position},
+        "attention": _rounded(result.heatmap().tolist()),
+        # attention[layer]: [1, H', rows, cols], the mean over the span's tokens
+        "image_mass": _rounded(float(sum(result.attention[layer].sum(dim=(-2, -1)).mean()
+                                         for layer in result.layers) / len(result.layers))),
+    })
+    if options.per_layer:
+        body["per_layer"] = [{
+            "layer": layer,
+            "attention": _rounded(result.attention[layer][0].mean(0).tolist()),
+            "image_mass": _rounded(result.attention[layer][0].sum(dim=(-2, -1)).tolist()),
+            "other_mass": _rounded(result.other_mass[layer][0].tolist()),
+        } for layer in result.layers]
+    if document.source_kind == "pdf":
+        body["page"] = document.page
+        body["page_count"] = document.page_count
+    body["total_duration"] = int(round((time.perf_counter() - started) * 1e9))
+    return body

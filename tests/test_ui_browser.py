@@ -1,0 +1,264 @@
+"""GET /ui in a real browser: headless Chromium (the Debian package, or DOTS_OCR_CHROMIUM) driven by
+Playwright, against a real server process on the tiny checkpoint, behind an API key.
+
+Screenshots go to ``test-artifacts/ui/`` (or ``$DOTS_OCR_UI_ARTIFACTS``). Chromium is part of the
+test setup (``scripts/install.sh`` installs Debian's package when it runs as root, as in CI);
+without it these tests fail with a message that says how to install it, never skip.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from serverproc import ROOT, running_server
+
+KEY = "browser-test-key"
+ARTIFACTS = Path(os.environ.get("DOTS_OCR_UI_ARTIFACTS", ROOT / "test-artifacts" / "ui"))
+TIMEOUT_MS = 120_000  # one answer of the tiny model on a full page, on a busy 2-core machine
+
+
+def chromium_executable() -> str | None:
+    for candidate in (os.environ.get("DOTS_OCR_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def _require_browser() -> str:
+    executable = chromium_executable()
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        executable = None
+    if executable is None:
+        pytest.fail("the /ui browser tests need Chromium and playwright: `sudo apt-get install chromium` "
+                    "(or set DOTS_OCR_CHROMIUM to a Chrome/Chromium binary) and `pip install -e '.[test]'`")
+    return executable
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, tmp_path_factory):
+    # No repetition guard: the stop test needs a long answer from the looping random model.
+    with running_server(tiny_ckpt, "--api-key", KEY, "--repetition-window", "0",
+                        log_dir=tmp_path_factory.mktemp("logs")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, server, request):
+    """/ui with the key entered once in its dialog; console errors collected; a screenshot at the end."""
+    # Playwright's wait_for_function evaluates strings, which the page's CSP forbids (no
+    # 'unsafe-eval'); test_wrong_key_is_a_readable_error runs with the CSP on.
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, bypass_csp=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # Chromium logs every 4xx response ("Failed to load resource"); the 401 before the key is expected
+    page.on("console", lambda msg: errors.append(msg.text)
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
+    page.goto(server + "/ui")
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", KEY)
+    page.click("#key-save")
+    page.wait_for_function("document.querySelector('#prompt-type').options.length > 3")  # /ui/config answered
+    page.errors = errors
+    yield page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+
+
+def _wait_idle(server: str) -> None:
+    deadline = time.monotonic() + 60
+    while requests.get(server + "/health", timeout=5).json()["running"]:
+        assert time.monotonic() < deadline, "the server still holds a generation slot"
+        time.sleep(0.2)
+
+
+def _open(page, name: str) -> None:
+    page.set_input_files("#file-input", str(ROOT / "samples" / name))
+    page.wait_for_function("document.querySelector('#status').textContent.includes('Ready')")
+
+
+def _run(page, prompt_type: str, max_tokens: int) -> None:
+    page.select_option("#prompt-type", prompt_type)
+    page.fill("#max-tokens", str(max_tokens))
+    page.click("#run")
+
+
+def test_wrong_key_is_a_readable_error(browser, server):
+    """Also: under the page's own Content-Security-Policy, its scripts and styles load and run."""
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    page.on("console", lambda msg: problems.append(msg.text) if "Content Security Policy" in msg.text else None)
+    page.goto(server + "/ui")
+    page.wait_for_selector("#key-dialog[open]")
+    assert page.is_hidden("#error")  # asked for the key, not an error yet
+    page.fill("#key-input", "wrong")
+    page.click("#key-save")
+    page.wait_for_selector("#error:not([hidden])")
+    page.wait_for_selector("#key-dialog[open]")  # asked again
+    assert "401" in page.text_content("#error") and "API key" in page.text_content("#error")
+    assert page.evaluate("getComputedStyle(document.querySelector('header')).display") == "flex"  # style.css applied
+    assert problems == []
+    page.close()
+
+
+def test_upload_run_and_see_the_text_stream_in(page, server):
+    _open(page, "demo_image1.jpg")
+    assert page.is_visible("#stage") and page.get_attribute("#page-image", "src").startswith("data:image/jpeg")
+    # count the answer's text changes while it streams
+    page.evaluate("""() => {
+        window.answerChanges = 0;
+        new MutationObserver(() => { window.answerChanges += 1; })
+            .observe(document.querySelector('#answer'), {characterData: true, subtree: true, childList: true});
+    }""")
+    _run(page, "prompt_ocr", 24)
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
+    answer = page.text_content("#answer")
+    assert answer and page.evaluate("window.answerChanges") >= 2  # several pieces, not one at the end
+    result = json.loads(page.text_content("#json"))
+    assert result["response"] == answer and result["eval_count"] > 0
+    assert page.get_attribute("#download-json", "href").startswith("blob:")
+    # attention for a selected piece of the answer
+    page.click("[data-tab=answer]")
+    page.evaluate("""() => {
+        const node = document.querySelector('#answer').firstChild;
+        const range = document.createRange();
+        range.setStart(node, 0);
+        range.setEnd(node, Math.min(6, node.length));
+        getSelection().removeAllRanges();
+        getSelection().addRange(range);
+    }""")
+    page.fill("#inspect-layers", "-1")  # the last layer (keeps the test short)
+    page.click("#inspect-selection")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Attention for')")
+    assert page.is_visible("#heatmap")
+    width = page.evaluate("document.querySelector('#heatmap').width")
+    assert width == 61  # demo_image1 (1700 x 2250) -> 1708 x 2240 model pixels -> 61 x 80 tokens
+    assert page.errors == []
+
+
+def test_pdf_page_picker(page):
+    _open(page, "demo_pdf1.pdf")
+    assert page.is_visible("#page-picker") and page.text_content("#page-count") == "2"
+    assert "page 1 of 2" in page.text_content("#status")
+    first = page.get_attribute("#page-image", "src")
+    page.click("#page-next")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('page 2 of 2')")
+    assert page.get_attribute("#page-image", "src") != first
+    page.click("#page-next")  # there is no page 3: a readable message, the page stays
+    page.wait_for_selector("#error:not([hidden])")
+    assert "does not exist" in page.text_content("#error")
+    assert page.errors == []
+
+
+def test_drag_a_box_for_grounding_ocr(page, server):
+    _open(page, "demo_image1.jpg")
+    page.fill("#max-tokens", "12")
+    stage = page.locator("#stage").bounding_box()
+    page.mouse.move(stage["x"] + 40, stage["y"] + 40)
+    page.mouse.down()
+    page.mouse.move(stage["x"] + 200, stage["y"] + 120, steps=5)
+    page.mouse.up()
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Region read')")
+    title = page.text_content("#grounding li strong")
+    x1, y1, x2, y2 = json.loads(title)
+    assert 0 <= x1 < x2 <= 1700 and 0 <= y1 < y2 <= 2250  # original pixels
+    assert page.text_content("#grounding li .grounding-text")
+    assert page.locator("#boxes .box.region").count() == 1
+    assert page.errors == []
+
+
+def test_stop_cancels_and_frees_the_server(page, server):
+    _open(page, "demo_image1.jpg")
+    _run(page, "prompt_layout_only_en", 4000)
+    page.wait_for_function("document.querySelector('#answer').textContent.length > 0")
+    assert requests.get(server + "/health", timeout=5).json()["running"] == 1
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Stopped')")
+    _wait_idle(server)
+    assert page.errors == []
+
+
+def test_errors_are_readable_messages(page, server):
+    """A file the server cannot read (a real 400), and the server's 429 and 'Model not loaded'
+    answers (replayed here with the server's exact bodies: the random model cannot be made to hold
+    the only slot for a known time, and it is loaded)."""
+    page.set_input_files("#file-input", files=[{"name": "page.png", "mimeType": "image/png", "buffer": b"not a png"}])
+    page.wait_for_selector("#error:not([hidden])")
+    assert "refused" in page.text_content("#error") and page.is_disabled("#run")
+    _open(page, "demo_image1.jpg")
+    answers = iter([(429, "Server is busy processing another request"), (500, "Model not loaded")])
+
+    def replay(route):
+        status, message = next(answers)
+        route.fulfill(status=status, content_type="application/json", body=json.dumps({"error": message}))
+
+    page.route("**/ocr", replay)
+    for expected in ("busy with another request (429)", "model is not loaded (500)"):
+        _run(page, "prompt_ocr", 8)
+        page.wait_for_function("document.querySelector('#status').textContent === 'Failed.'")
+        assert expected in page.text_content("#error")
+        page.evaluate("document.querySelector('#status').textContent = ''")
+    assert not page.is_disabled("#run")
+
+
+LAYOUT_ANSWER = [
+    {"bbox": [100, 100, 900, 220], "category": "Title", "text": "A <b>title</b>",
+     "confidence": {"min": 0.61, "mean": 0.93}},
+    {"bbox": [100, 300, 1500, 900], "category": "Text", "text": "<img src=x onerror=\"window.pwned=1\">text"},
+]
+
+
+def test_layout_hover_markdown_and_downloads(page, server):
+    """The page's drawing of a finished layout answer. The random tiny model writes no layout, so
+    /ocr's stream is answered here with a fixed one (the rest of the page talks to the server)."""
+    raw = json.dumps([{k: v for k, v in cell.items() if k != "confidence"} for cell in LAYOUT_ANSWER])
+    markdown = ("# A <b>title</b>\n\n<img src=x onerror=\"window.pwned=1\">text\n\n"
+                "<table><tr><td onclick=\"x\">1</td></tr></table>")
+    lines = [{"model": "dots-ocr", "response": raw[:20], "done": False},
+             {"model": "dots-ocr", "response": raw[20:], "done": False},
+             {"model": "dots-ocr", "response": "", "done": True, "layout": LAYOUT_ANSWER, "markdown": markdown,
+              "repaired": False}]
+    page.route("**/ocr", lambda route: route.fulfill(
+        status=200, content_type="application/x-ndjson", body="".join(json.dumps(line) + "\n" for line in lines)))
+    _open(page, "demo_image1.jpg")
+    _run(page, "prompt_layout_all_en", 100)
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
+    boxes = page.locator("#boxes .box[data-index]")
+    assert boxes.count() == 2
+    assert page.evaluate("getComputedStyle(document.querySelector('.box[data-index=\"0\"]')).borderTopColor") \
+        == "rgb(192, 57, 43)"  # Title's colour
+    boxes.nth(0).hover()
+    page.wait_for_selector("#tooltip:not([hidden])")
+    tooltip = page.text_content("#tooltip")
+    assert "Title" in tooltip and "A <b>title</b>" in tooltip and "mean 0.930" in tooltip and "min 0.610" in tooltip
+    page.click("[data-tab=markdown]")
+    assert page.locator("#markdown img").count() == 0 and page.evaluate("window.pwned") is None
+    assert page.locator("#markdown table td").count() == 1
+    assert page.get_attribute("#markdown table td", "onclick") is None
+    assert page.text_content("#markdown h2") == "A <b>title</b>"  # the model's text, shown as text
+    with page.expect_download() as download:
+        page.click("#download-md")
+    assert Path(download.value.path()).read_text() == markdown
+    assert page.errors == []
