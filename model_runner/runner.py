@@ -425,8 +425,8 @@ class ModelRunner:
     def stream_pieces(self, image: Image.Image, prompt_type: str | None, *, bbox=None, temperature: float = 0.1,
                       top_p: float = 1.0, max_new_tokens: int = 12000, stats: GenerationStats | None = None,
                       should_stop: Callable[[], bool] | None = None, messages: list[dict] | None = None,
-                      question: str | None = None, seed: int | None = None, logprobs: int | None = None, repetition_penalty: float = 1.0,
-                      frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                      question: str | None = None, seed: int | None = None, logprobs: int | None = None,
+                      repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                       ignore_eos: bool = False) -> Iterator[Piece]:
         """Yield the answer token by token: one ``Piece`` per generated token (``.text`` may be
         empty while the streamer holds back an incomplete word), then one last piece with the

@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from batch_job import cli
-from batch_job.outputs import SUMMARY_NAME, read_written
+from batch_job.outputs import SUMMARY_NAME
 from batch_job.pipeline import local_runtime_env
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"

@@ -543,7 +543,8 @@ def test_schemathesis_never_gets_a_5xx(runner):
     def run(operation, mode) -> None:
         label = operation.label
 
-        @hypothesis.settings(max_examples=25, deadline=None, database=None, phases=[hypothesis.Phase.generate],
+        @hypothesis.settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                             phases=[hypothesis.Phase.generate],
                              suppress_health_check=list(hypothesis.HealthCheck))
         @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
         def check(case):
