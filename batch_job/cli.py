@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bfloat16 on cuda, float32 on cpu")
     add("--prompt-type", choices=batch_prompt_types(), default="prompt_layout_all_en",
         help="what to ask the model (default prompt_layout_all_en)")
-    add("--question", metavar="TEXT", default=None, help="the question, with --prompt-type prompt_general")
+    add("--prompt", "--question", dest="question", metavar="TEXT", default=None,
+        help="the question, with --prompt-type prompt_general (the /ocr field `prompt`)")
     add("--dpi", metavar="D", type=_ranged(float, 36, 600), default=200.0,
         help="PDF rendering resolution (default 200, lowered only for pages too large for the model)")
     add("--max-new-tokens", metavar="N", type=_ranged(int, 1, 131072), default=12000,
@@ -111,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_question(parser: argparse.ArgumentParser, args) -> None:
     if args.prompt_type in QUESTION_PROMPT_TYPES and not (args.question or "").strip():
-        parser.error(f"--prompt-type {args.prompt_type} needs --question")
+        parser.error(f"--prompt-type {args.prompt_type} needs --prompt (the question)")
     if args.question is not None and args.prompt_type not in QUESTION_PROMPT_TYPES:
-        parser.error(f"--question goes with --prompt-type {', '.join(QUESTION_PROMPT_TYPES)}")
+        parser.error(f"--prompt goes with --prompt-type {', '.join(QUESTION_PROMPT_TYPES)}")
 
 
 def _say(message: str) -> None:

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", metavar="DIR", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     add("--prompt-type", default="prompt_layout_all_en", choices=batch_prompt_types(),
         help="what to ask the model (default prompt_layout_all_en)")
-    add("--prompt", metavar="QUESTION", default=None,
+    add("--prompt", "--question", dest="prompt", metavar="QUESTION", default=None,
         help="the question asked of every page, for --prompt-type prompt_general (required there)")
     add("--concurrency", metavar="K", type=_ranged(int, 1, MAX_CONCURRENCY), default=None,
         help="pages in flight at once (default: the server's max_batch_size from /health, else 1)")

@@ -270,7 +270,7 @@ def test_missing_ray_is_a_clear_exit_2(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["--prompt-type", "prompt_general"], ["--question", "Why?"],
-                                  ["--prompt-type", "prompt_grounding_ocr"], ["--dpi", "20"],
+                                  ["--prompt", "Why?"], ["--prompt-type", "prompt_grounding_ocr"], ["--dpi", "20"],
                                   ["--model-path", "x", "--demo"], ["--force", "--retry-failed"]])
 def test_bad_arguments_exit_2(tmp_path, argv):
     with pytest.raises(SystemExit) as stop:
