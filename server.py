@@ -104,12 +104,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def apply_process_settings(config: ServerConfig) -> None:
+    """What the configuration sets for the whole process (not per app): torch's CPU threads."""
+    if config.torch_threads is not None:
+        import torch
+
+        if config.torch_threads < 1:
+            raise ValueError("--torch-threads must be at least 1")
+        torch.set_num_threads(config.torch_threads)
+        log.info("torch uses %d intra-op CPU threads", config.torch_threads)
+
+
 def serve(config: ServerConfig, runner=None) -> None:
     """Serve with waitress (api/serving.py): one process (the model lives there), an event loop
     that reads every connection, and ``threads`` request threads that only see complete requests;
     SIGTERM drains gracefully. ``runner``: as in ``create_app`` (benchmarks pass their own)."""
     from api.serving import GracefulShutdown, build_server, run
 
+    apply_process_settings(config)
     app = create_app(config, runner=runner)
     socket_map: dict = {}
     server = build_server(app, config, socket_map)

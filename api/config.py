@@ -27,6 +27,7 @@ class ServerConfig:
     compile: bool | None = None  # CUDA fast path (static cache + compiled decode): None = on for CUDA
     threads: int = 16
     max_batch_size: int = 1
+    torch_threads: int | None = None  # torch's intra-op threads (None: torch's default, one per core)
     max_queue: int = 64
     max_pdf_pages: int = 2000
     max_prompt_chars: int = 4000
@@ -72,6 +73,8 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
                             "(default: on with CUDA, off on CPU)")),
     ("--threads", dict(type=int, help="request threads (one request runs; the others get 429)")),
     ("--max-batch-size", dict(type=int, help="requests that generate together (1: one at a time, as API.md)")),
+    ("--torch-threads", dict(type=int, help="torch's intra-op CPU threads (default: torch's, one per core); "
+                                           "fewer leaves cores to the request threads on a CPU server")),
     ("--max-queue", dict(type=int, help="/v1 requests that wait for a slot when all are busy (more: 429); "
                                         "/ocr never waits")),
     ("--max-pdf-pages", dict(type=int, help="largest PDF (pages) accepted, checked when it is opened")),

@@ -36,6 +36,8 @@ from .prompts import GROUNDING_PROMPT_TYPE, PROMPT_TYPES, prompt_text, system_te
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("eos", "length", "repetition", "cancelled", "error")
+# The most tokens one Piece carries when the consumer has fallen behind the decoding loop.
+MAX_TOKENS_PER_PIECE = 64
 
 __all__ = ["ModelRunner", "GenerationStats", "GenerationResult", "GenerationInputError", "BatchFullError",
            "Piece", "TokenRecord", "RepetitionGuard", "FINISH_REASONS"]
@@ -428,9 +430,10 @@ class ModelRunner:
                       question: str | None = None, seed: int | None = None, logprobs: int | None = None,
                       repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                       ignore_eos: bool = False) -> Iterator[Piece]:
-        """Yield the answer token by token: one ``Piece`` per generated token (``.text`` may be
-        empty while the streamer holds back an incomplete word), then one last piece with the
-        held-back text, if any.
+        """Yield the answer as it is decoded: one ``Piece`` per generated token, or per run of
+        tokens when the caller has fallen behind (at most ``MAX_TOKENS_PER_PIECE``; ``.text`` is
+        empty while a character spelled over several tokens is unfinished), then one last piece
+        with what is still held back, if anything.
 
         Closing the generator (or ``should_stop()`` returning true) stops generation within one
         decoding step; the request has left the decoding loop when the generator has closed. An
@@ -522,8 +525,25 @@ class ModelRunner:
                 raise RuntimeError("the generation loop ended without closing its stream") from None
             if event is END:
                 return
-            token, payload = event
-            yield assembler.add(token, payload, logprobs)
+            # Tokens that are already waiting join this piece: a consumer slower than the loop
+            # (many streams on few cores, a slow client) gets fewer, larger pieces and catches
+            # up, instead of paying its per-piece cost (an NDJSON line, an SSE event) per token.
+            events = [event]
+            ended = False
+            while len(events) < MAX_TOKENS_PER_PIECE:
+                try:
+                    waiting = request.events.get_nowait()
+                except queue.Empty:
+                    break
+                if waiting is END:
+                    ended = True
+                    break
+                events.append(waiting)
+            pieces = [assembler.add(token, payload, logprobs) for token, payload in events]
+            yield pieces[0] if len(pieces) == 1 else Piece("".join(p.text for p in pieces),
+                                                           tuple(t for p in pieces for t in p.tokens))
+            if ended:
+                return
 
     @staticmethod
     def _finish(stats: GenerationStats, request: EngineRequest, t_gen: float) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput of the real server at several batch sizes: M pages sent concurrently, a table + one JSON line.
 
-Starts one server process (the server's own app, ``server.create_app``, on werkzeug's threaded
+Starts one server process (the server's own app, ``server.create_app``, on its own HTTP server, waitress)
 server) with ``--max-batch-size`` = the largest batch size asked for, then for each batch size N
 sends the same M pages (``/ocr``, ``stream: true``) from N client threads, so that N requests are
 in flight and the server decodes them in one batch. Per batch size:
@@ -111,13 +111,12 @@ def serve(argv: list[str]) -> int:
     import dataclasses
     import logging
 
-    from werkzeug.serving import make_server
-
     import server
 
     random_full_size = "--random-full-size" in argv
     config = server.parse_args([a for a in argv if a != "--random-full-size"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server.apply_process_settings(config)
     runner_class = fixed_length_runner_class()
     if random_full_size:
         from bench_pipeline import build_random_full_size
@@ -140,8 +139,13 @@ def serve(argv: list[str]) -> int:
         runner = runner_class.from_config(config)
     app = server.create_app(config, runner=runner)
     add_memory_routes(app)
-    # werkzeug rather than gunicorn: no fork (a CUDA model built before a fork is unusable in the child)
-    make_server(config.host, config.port, app, threaded=True).serve_forever()
+    # server.py's own HTTP server (waitress, no fork: a CUDA model built before a fork would be
+    # unusable in the child), on this app with its benchmark-only memory routes
+    from api.serving import GracefulShutdown, build_server, run
+
+    socket_map: dict = {}
+    http = build_server(app, config, socket_map)
+    run(http, socket_map, GracefulShutdown(app.extensions["dots_ocr"], config.graceful_timeout))
     return 0
 
 
@@ -191,16 +195,22 @@ def wait_loaded(proc: subprocess.Popen, url: str, deadline_s: float, log_path: P
         time.sleep(0.5)
 
 
-def one_request(session, url: str, body: bytes) -> dict:
-    """POST one streamed page; the times of its lines and its done line."""
+def one_request(session, url: str, body: bytes, stream: bool = True) -> dict:
+    """POST one page; the times of its lines (streamed) or of its answer (plain), and the done
+    line (the plain answer's body has the same statistics). A plain answer's ``first`` is the
+    server's time to first token (``total_duration - eval_duration``) after sending."""
     while True:
         sent = time.perf_counter()
-        with session.post(url + "/ocr", data=body, headers={"Content-Type": "application/json"}, stream=True,
+        with session.post(url + "/ocr", data=body, headers={"Content-Type": "application/json"}, stream=stream,
                           timeout=3600) as response:
             if response.status_code == 429:  # only if a previous level's request is still leaving
                 time.sleep(float(response.headers.get("Retry-After", "1")))
                 continue
             response.raise_for_status()
+            if not stream:
+                done = response.json()
+                first = sent + (done["total_duration"] - done["eval_duration"]) / 1e9
+                return {"sent": sent, "times": [first, time.perf_counter()], "done": done, "streamed": False}
             times, done = [], None
             for raw in response.iter_lines():
                 if not raw:
@@ -211,7 +221,7 @@ def one_request(session, url: str, body: bytes) -> dict:
                     done = line
         if done is None or "error" in done:
             raise RuntimeError(f"a page failed: {done}")
-        return {"sent": sent, "times": times, "done": done}
+        return {"sent": sent, "times": times, "done": done, "streamed": True}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -221,7 +231,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def run_level(url: str, body: bytes, pages: int, batch_size: int, new_tokens: int) -> dict:
+def run_level(url: str, body: bytes, pages: int, batch_size: int, new_tokens: int, stream: bool = True) -> dict:
     import requests
 
     requests.post(url + "/_bench/reset", timeout=30)
@@ -238,7 +248,7 @@ def run_level(url: str, body: bytes, pages: int, batch_size: int, new_tokens: in
                     return
                 todo.pop()
             try:
-                result = one_request(session, url, body)
+                result = one_request(session, url, body, stream)
             except BaseException as exc:  # noqa: BLE001 - reported after the level
                 errors.append(exc)
                 return
@@ -256,7 +266,7 @@ def run_level(url: str, body: bytes, pages: int, batch_size: int, new_tokens: in
         raise RuntimeError(f"batch size {batch_size}: {len(errors)} page(s) failed; first: {errors[0]}")
     memory = requests.get(url + "/_bench/memory", timeout=30).json()
     tokens = [r["done"].get("eval_count", 0) for r in results]
-    gaps = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    gaps = [b - a for r in results if r["streamed"] for a, b in zip(r["times"], r["times"][1:])]
     level = {
         "batch_size": batch_size, "pages": len(results), "wall_s": wall, "pages_per_s": len(results) / wall,
         "tok_per_s": sum(tokens) / wall,
@@ -298,15 +308,15 @@ def run(args) -> dict:
     data, image_label = page_bytes(args)
     body = json.dumps({"image": base64.b64encode(data).decode("ascii"), "image_format": "base64",
                        "prompt_type": args.prompt_type, "max_new_tokens": args.new_tokens, "temperature": 0.0,
-                       "stream": True}).encode()
+                       "stream": args.stream}).encode()
     work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     log_path = work / "server.log"
     proc, url = start_server(args, log_path)
     try:
         health = wait_loaded(proc, url, args.load_deadline_s, log_path)
         for _ in range(2):  # warm the whole request path once, outside the measurements
-            one_request(requests.Session(), url, body)
-        levels = [run_level(url, body, args.pages, size, args.new_tokens) for size in args.batch_sizes]
+            one_request(requests.Session(), url, body, args.stream)
+        levels = [run_level(url, body, args.pages, size, args.new_tokens, args.stream) for size in args.batch_sizes]
     finally:
         proc.terminate()
         try:
@@ -318,7 +328,8 @@ def run(args) -> dict:
     ratio = (by_size[4]["tok_per_s"] / by_size[1]["tok_per_s"]) if 1 in by_size and 4 in by_size else None
     model = "tiny random (demo)" if args.demo else "full-size random weights" if args.random_full_size else args.model_path
     return {"machine": machine(health), "model": model, "image": image_label, "pages": args.pages,
-            "new_tokens": args.new_tokens, "batch_sizes": args.batch_sizes, "server_max_batch_size":
+            "new_tokens": args.new_tokens, "stream": args.stream, "batch_sizes": args.batch_sizes,
+            "server_max_batch_size":
             health.get("max_batch_size"), "levels": levels, "ratio_b4_b1": ratio}
 
 
@@ -327,7 +338,9 @@ def report(result: dict) -> str:
     head = [f"machine: {m['cpu']} ({m['cores']} cores)  |  torch {m['torch']}  |  device {m['device']} "
             f"({m['dtype']}, fast path {m['fast_path']})  |  python {m['python']}",
             f"model: {result['model']}  |  page: {result['image']}  |  {result['pages']} pages per batch size, "
-            f"{result['new_tokens']} new tokens each (eos ignored, greedy)  |  server max batch "
+            f"{result['new_tokens']} new tokens each (eos ignored, greedy), "
+            f"{'streamed (NDJSON)' if result['stream'] else 'plain JSON (TTFT: the server statistics)'}"
+            f"  |  server max batch "
             f"{result['server_max_batch_size']}", ""]
     gpu = any("peak_gpu_gib" in level for level in result["levels"])
     header = ["batch", "pages/s", "tok/s", "lat p50", "lat p95", "TTFT p50", "max gap", "gap p50", "prefill p50",
@@ -379,6 +392,9 @@ def parse_args(argv=None):
     parser.add_argument("--page-size", type=parse_size, default=None,
                         help="send a synthetic page of WxH instead of --image (e.g. 1700x2200: letter at 200 dpi)")
     parser.add_argument("--prompt-type", default="prompt_ocr")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                        help="streamed NDJSON requests (client-side TTFT and line gaps); --no-stream: plain JSON, "
+                             "as the batch client sends pages (TTFT from the server's statistics)")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra server.py flag (repeatable), e.g. --server-arg=--compile")

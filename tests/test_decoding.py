@@ -141,7 +141,7 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
 
 
 class _Tokenizer:
-    """The two calls PieceAssembler makes: decode one id, and what TextStreamer needs."""
+    """What PieceAssembler.record needs: decode one id."""
 
     def decode(self, ids, skip_special_tokens=False, **kwargs):
         return "".join(f"<{int(i)}>" for i in ids)
@@ -280,3 +280,18 @@ def test_logprob_payload_shape_values_and_order():
     assert top_ids[0] == tokens[0] == logits[0].argmax()  # greedy: the chosen token ranks first
     assert top_values[0].item() == payload[0, 0].item()
     assert math.fsum(math.exp(v) for v in reference[0].tolist()) == pytest.approx(1.0)
+
+
+def test_piece_assembler_text_equals_decode_with_constant_work_per_token(runner):
+    """Random ids (broken UTF-8 included): the pieces and the held-back tail join to exactly
+    ``tokenizer.decode``; a piece never repeats text already released."""
+    tokenizer = runner.processor.tokenizer
+    rng = torch.Generator().manual_seed(7)
+    for length in (1, 2, 17, 300):
+        ids = torch.randint(0, len(tokenizer), (length,), generator=rng).tolist()
+        assembler = PieceAssembler(tokenizer)
+        pieces = [assembler.add(i) for i in ids]
+        assert [p.tokens[0].id for p in pieces] == ids
+        text = "".join(p.text for p in pieces) + assembler.end()
+        assert text == tokenizer.decode(ids, skip_special_tokens=True)
+        assert assembler.end() == ""
