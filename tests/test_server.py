@@ -498,3 +498,23 @@ def test_postprocess_needs_a_layout_prompt(client, page_path, extra):
     response = _ocr(client, image=str(page_path), prompt_type="prompt_ocr", **extra)
     assert response.status_code == 400
     assert list(extra)[0] in response.get_json()["error"]
+
+
+def test_torch_threads_flag_sets_the_process_threads(monkeypatch):
+    import torch
+
+    from server import apply_process_settings
+
+    monkeypatch.setenv("DOTS_OCR_TORCH_THREADS", "1")
+    config = parse_args([])
+    assert config.torch_threads == 1 and parse_args(["--torch-threads", "3"]).torch_threads == 3
+    before = torch.get_num_threads()
+    try:
+        apply_process_settings(config)
+        assert torch.get_num_threads() == 1
+        apply_process_settings(ServerConfig())  # not set: left as it is
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="at least 1"):
+            apply_process_settings(ServerConfig(torch_threads=0))
+    finally:
+        torch.set_num_threads(before)
