@@ -38,6 +38,7 @@ extra copy on join is one step's worth.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -201,6 +202,9 @@ class EngineRequest:
     finish_reason: str | None = None
     error: BaseException | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # The context of the thread that made the request (e.g. the server's request id): the loop
+    # writes this request's log lines inside it, so they carry what that thread's lines carry.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
     cache_len: int = 0  # tokens of this row in the KV cache
     last_token: torch.Tensor | None = None  # [1] long on the device: the next step's input
     _ids: torch.Tensor | None = None  # prompt + answer on the host, for the repetition guard
@@ -354,7 +358,7 @@ class BatchEngine:
                 return
             self.backend.add(handle)
         except Exception as exc:  # noqa: BLE001 - this request's own failure
-            log.warning("a request failed in its prefill: %s: %s", type(exc).__name__, exc)
+            request.context.run(log.warning, "a request failed in its prefill: %s: %s", type(exc).__name__, exc)
             self._finish(request, "error", exc)
             return
         self._active.append(request)
@@ -441,6 +445,8 @@ class BatchEngine:
     def _fail_batch(self, exc: BaseException) -> None:
         for request in self._active:
             if not request.done.is_set():
+                request.context.run(log.warning, "a request failed with its batch's shared step: %s: %s",
+                                    type(exc).__name__, exc)
                 self._finish(request, "error", exc)
         self._active = []
         self.backend.reset()

@@ -196,3 +196,22 @@ def test_json_log_format():
     finally:
         root.handlers[:] = saved
         root.setLevel(level)
+
+
+def test_the_decoding_loop_logs_a_request_failure_under_its_request_id(client, page_path, runner):
+    """A failure the shared decoding thread logs for one request carries that request's id."""
+    from api.request_log import RequestIdFilter
+
+    handler = _Records()
+    handler.addFilter(RequestIdFilter())  # as the server's root handler has (configure_logging)
+    logger = logging.getLogger("model_runner.batching")
+    logger.addHandler(handler)
+    try:
+        with FailsAtStep(runner.model, 1, "boom in the prefill"):
+            response = client.post("/ocr", json={"image": page_path, "prompt_type": "prompt_ocr", "temperature": 0,
+                                                 "max_new_tokens": 4}, headers={"X-Request-Id": "req-prefill"})
+        assert response.status_code == 500 and response.get_json()["request_id"] == "req-prefill"
+    finally:
+        logger.removeHandler(handler)
+    failed = [r for r in handler.records if "failed in its prefill" in r.getMessage()]
+    assert failed and all(r.request_id == "req-prefill" for r in failed)
