@@ -358,7 +358,9 @@ def report(result: dict) -> str:
                     "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     ratio = result["ratio_b4_b1"]
-    lines += ["", f"aggregate tok/s, batch 4 / batch 1: {ratio:.2f}x (issue 8: >= 2x on CPU, tiny checkpoint)"
+    mode = "streamed" if result["stream"] else "plain"
+    lines += ["", f"aggregate tok/s, batch 4 / batch 1: {ratio:.2f}x, {mode} requests (issue 8: >= 2x on CPU, "
+                  f"tiny checkpoint; docs/BENCHMARKS.md has both modes)"
               if ratio is not None else "aggregate tok/s, batch 4 / batch 1: - (needs batch sizes 1 and 4)"]
     return "\n".join(line.rstrip() for line in lines)
 

@@ -465,11 +465,14 @@ def test_bench_http_stub_times_the_http_and_image_path(tmp_path):
     assert "HTTP + image path beyond model time" in proc.stdout
 
 
-def test_bench_throughput_prints_a_table_and_a_json_line(tmp_path):
-    """The throughput benchmark, CI-sized: the real app in a server process, 4 pages at batch 1 and 2."""
+@pytest.mark.parametrize("mode", ["--stream", "--no-stream"])
+def test_bench_throughput_prints_a_table_and_a_json_line(tmp_path, mode):
+    """The throughput benchmark, CI-sized: the real app in a server process, 4 pages at batch 1
+    and 2, streamed and plain."""
     out = tmp_path / "throughput.json"
     cmd = [sys.executable, str(REPO / "scripts" / "bench_throughput.py"), "--demo", "--pages", "4",
-           "--batch-sizes", "1,2", "--new-tokens", "6", "--json-out", str(out)]
+           "--batch-sizes", "1,2", "--new-tokens", "6", "--json-out", str(out), mode,
+           "--server-arg=--torch-threads=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -485,3 +488,6 @@ def test_bench_throughput_prints_a_table_and_a_json_line(tmp_path):
         assert set(level) >= {"batch_size", "pages", "wall_s", "pages_per_s", "tok_per_s", "latency_p50_s",
                               "latency_p95_s", "ttft_p50_s", "max_gap_s", "peak_rss_gib", "all_fixed_length"}
         assert level["pages"] == 4 and level["new_tokens_total"] == 24 and level["all_fixed_length"] is True
+        assert level["ttft_p50_s"] > 0 and (level["max_gap_s"] is not None) is (mode == "--stream")
+    assert result["stream"] is (mode == "--stream")
+    assert ("streamed (NDJSON)" if mode == "--stream" else "plain JSON") in lines[1]
