@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import hmac
 import json
+import re
 import select
 import socket
 import threading
@@ -73,27 +74,30 @@ def ndjson(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+# The bytes that matter to nesting: an escape pair (one token, so an escaped quote does not end a
+# string), a quote, a bracket. Everything else (a multi-megabyte base64 image) is skipped in C.
+_JSON_STRUCTURE = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
+
+
 def _json_depth_exceeds(data: bytes, limit: int) -> bool:
     """True when brackets nest deeper than ``limit`` (strings skipped). Checked before parsing:
     Python's json module recurses per level and a body nested thousands deep (closed or not) ends
     in RecursionError. Hand-written because no parser option bounds the depth."""
+    if data.count(b"[") + data.count(b"{") <= limit:  # the common body: cannot nest that deep
+        return False
     depth = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
+    in_string = False
+    for match in _JSON_STRUCTURE.finditer(data):
+        token = match.group()
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or len(token) == 2:  # inside a string, or an escape pair
+            continue
+        elif token in (b"[", b"{"):
             depth += 1
             if depth > limit:
                 return True
-        elif byte in (0x5D, 0x7D):  # ] }
+        else:  # ] }
             depth -= 1
     return False
 

@@ -371,6 +371,19 @@ def test_nesting_inside_strings_is_not_depth(client):
     assert response.status_code == 400 and "nested" not in response.get_json()["error"]
 
 
+@pytest.mark.parametrize("data, deeper", [
+    (b"[" * 65 + b"]" * 65, True), (b"[" * 64 + b"]" * 64, False), (b'{"a":' * 70, True),
+    (json.dumps({"x": "[" * 100}).encode(), False),             # brackets inside a string
+    (json.dumps({"x": '\\"' + "[" * 100}).encode(), False),     # after an escaped quote, still inside
+    (b'["\\\\"' + b"[" * 70, True),                              # an escaped backslash ends before the quote
+    (json.dumps([[{"a": "\\"}]] * 3).encode(), False),
+])
+def test_depth_scanner_skips_strings_and_escapes(data, deeper):
+    from api.http import _json_depth_exceeds
+
+    assert _json_depth_exceeds(data, 64) is deeper
+
+
 @pytest.mark.parametrize("path", ["/tmp/\ud800", "\udc80", "/tmp/a\udfff/b.png"])
 def test_lone_surrogate_in_path_is_json_4xx(client, path):
     response = client.post("/ocr", data=json.dumps({"image": path, "image_format": "path"}),
