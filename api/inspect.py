@@ -37,8 +37,8 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import BUSY_MESSAGE, MODEL_NAME, NOT_LOADED_MESSAGE, RequestError
-from .http import check_api_key, json_body, once
+from .errors import MODEL_NAME, RequestError
+from .http import check_api_key, json_body
 from .schemas import OCRRequest, _validation_message, validate_request
 from .state import ServerState
 
@@ -112,11 +112,7 @@ def inspect():
     config = state.config
     check_api_key(config)
     req, options, temperature_sent = validate_inspect(json_body(), config)
-    if not state.model_loaded:
-        raise RequestError(NOT_LOADED_MESSAGE, 500)
-    if not state.lock.acquire(blocking=False):
-        raise RequestError(BUSY_MESSAGE, 429, headers={"Retry-After": "1"})
-    release = once(state.lock.release)
+    release = state.take_slot()
     try:
         return jsonify(_run(state, req, options, temperature_sent))
     finally:

@@ -16,8 +16,8 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from image_utils import clip_for_message
 from model_runner.prompts import PROMPT_TYPES
 
-from .errors import BUSY_MESSAGE, MODEL_NAME, NOT_LOADED_MESSAGE, SHUTDOWN_MESSAGE, RequestError
-from .http import any_of, check_api_key, client_gone_probe, json_body, ndjson, now_iso, once
+from .errors import BUSY_MESSAGE, MODEL_NAME, SHUTDOWN_MESSAGE, RequestError
+from .http import any_of, check_api_key, client_gone_probe, json_body, ndjson, now_iso
 from .metrics import job_observer
 from .request_log import current_request_id
 from .schemas import OCRRequest, validate_request
@@ -65,11 +65,7 @@ def ocr():
         raise RequestError(SHUTDOWN_MESSAGE, 503)
     check_api_key(config)
     req = validate_request(json_body(), config.max_new_tokens_limit, config.max_prompt_chars)
-    if not state.model_loaded:
-        raise RequestError(NOT_LOADED_MESSAGE, 500)
-    if not state.lock.acquire(blocking=False):
-        raise RequestError(BUSY_MESSAGE, 429, headers={"Retry-After": "1"})
-    release = once(state.lock.release)
+    release = state.take_slot()
     try:
         should_stop = any_of(client_gone_probe(request.environ), state.stop_generation.is_set)
         job = _start_job(state.runner, state.policy, req, should_stop)

@@ -13,7 +13,8 @@ from typing import Callable
 from image_utils import ImagePolicy
 
 from .config import ServerConfig
-from .errors import NOT_LOADED_MESSAGE
+from .errors import BUSY_MESSAGE, NOT_LOADED_MESSAGE, RequestError
+from .http import once
 
 log = logging.getLogger("dots_ocr_server")
 
@@ -124,6 +125,16 @@ class ServerState:
     @property
     def model_loaded(self) -> bool:
         return self.runner is not None and self.runner.loaded
+
+    def take_slot(self) -> Callable[[], None]:
+        """A generation slot at once, as API.md's routes take it: 500 while the model is not
+        loaded, 429 (with ``Retry-After``) when every slot is busy. Returns the release function
+        (safe to call more than once; the slot is freed on the first call)."""
+        if not self.model_loaded:
+            raise RequestError(NOT_LOADED_MESSAGE, 500)
+        if not self.lock.acquire(blocking=False):
+            raise RequestError(BUSY_MESSAGE, 429, headers={"Retry-After": "1"})
+        return once(self.lock.release)
 
     def start_loading(self) -> None:
         self.loader = threading.Thread(target=self._load, name="dots-ocr-load", daemon=True)
