@@ -36,6 +36,21 @@ def runner(tiny_ckpt):
 
 
 @pytest.fixture()
+def rendered_prompt(runner, monkeypatch):
+    """What the runner's processor renders: after a request, ``["prompt"]`` (the user text) and
+    ``["system"]`` (the system turn, or None) of the last prompt it built."""
+    seen = {}
+    original = runner.processor.render_prompt
+
+    def spy(prompt, n_images=1, system=None):
+        seen["prompt"], seen["system"] = prompt, system
+        return original(prompt, n_images, system=system)
+
+    monkeypatch.setattr(runner.processor, "render_prompt", spy)
+    return seen
+
+
+@pytest.fixture()
 def app(runner, tmp_path):
     from server import create_app
 

@@ -1,15 +1,20 @@
-"""Start ``python server.py`` as a real process on a free port, for end-to-end tests; and the one
-wait-until-loaded helper every test uses (over HTTP or through a Flask test client)."""
+"""Start ``python server.py`` as a real process on a free port, for end-to-end tests; the one
+wait-until-loaded helper every test uses (over HTTP or through a Flask test client); and the
+local origins tests fetch images from (a thread serving a handler or a folder on loopback)."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -106,3 +111,40 @@ def running_server_process(model_path: Path | None, *args: str, log_dir: Path, d
         yield server
     finally:
         server.stop()
+
+
+def page_png() -> bytes:
+    """A small synthetic page (224 x 308, dark text-like bars) as PNG bytes."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (224, 308), "white")
+    draw = ImageDraw.Draw(image)
+    for row in range(9):
+        draw.rectangle([16, 16 + row * 30, 200 - row % 4 * 20, 28 + row * 30], fill=(25, 25, 25))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def local_origin(handler) -> Iterator[str]:
+    """``handler`` (a ``BaseHTTPRequestHandler`` class or factory) served on a free loopback port
+    by a thread; yields the origin's URL, and stops and closes it afterwards."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def quiet_folder_handler(folder: Path):
+    """A handler for ``local_origin`` that serves the files of ``folder`` without logging."""
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    return partial(Quiet, directory=str(folder))

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import io
 import json
-import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from functools import partial
 
 import pytest
 import requests
-from PIL import Image, ImageDraw
 
-from serverproc import running_server
-
-
-def _page_png() -> bytes:
-    image = Image.new("RGB", (224, 308), "white")
-    draw = ImageDraw.Draw(image)
-    for row in range(9):
-        draw.rectangle([16, 16 + row * 30, 200 - row % 4 * 20, 28 + row * 30], fill=(25, 25, 25))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+from serverproc import local_origin, page_png, quiet_folder_handler, running_server
 
 
-PAGE = base64.b64encode(_page_png()).decode()
+
+
+PAGE = base64.b64encode(page_png()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +31,9 @@ def server(tiny_ckpt, tmp_path_factory):
 def image_host(tmp_path_factory):
     """A local HTTP server (loopback) serving page.png."""
     folder = tmp_path_factory.mktemp("www")
-    (folder / "page.png").write_bytes(_page_png())
-    handler = partial(SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    (folder / "page.png").write_bytes(page_png())
+    with local_origin(quiet_folder_handler(folder)) as url:
+        yield url
 
 
 def _ocr(url, timeout=60, **body):

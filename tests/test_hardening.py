@@ -11,13 +11,13 @@ import signal
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import requests
 from PIL import Image
 
-from serverproc import running_server_process, start_server, wait_until_loaded
+from serverproc import local_origin, running_server_process, start_server, wait_until_loaded
 
 SLOW_CONNECTIONS = 100
 
@@ -445,13 +445,8 @@ class _DripHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def drip_origin():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _DripHandler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with local_origin(_DripHandler) as url:
+        yield url
 
 
 @pytest.mark.parametrize("path", ["/headers", "/body-until-close"])

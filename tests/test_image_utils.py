@@ -34,6 +34,7 @@ from image_utils import (
     to_original_coords,
 )
 from image_utils import url_fetch
+from serverproc import local_origin
 
 DATA = Path(__file__).resolve().parents[1] / "samples"
 
@@ -631,15 +632,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with local_origin(_Handler) as url:
+        yield url
 
 
 OPEN = ImagePolicy(allow_private_urls=True)

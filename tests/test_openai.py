@@ -10,14 +10,12 @@ import json
 import socket
 import threading
 import time
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from serverproc import running_server
+from serverproc import local_origin, page_png, quiet_folder_handler, running_server
 
 PLACEHOLDER = "<|img|><|imgpad|><|endofimg|>"
 OCR_PROMPT = "Extract the text content from this image."  # prompt_ocr's text
@@ -30,17 +28,9 @@ def layout_only_prompt() -> str:
     return prompt_text("prompt_layout_only_en", None, image_size=(224, 308))
 
 
-def _page_png() -> bytes:
-    image = Image.new("RGB", (224, 308), "white")
-    draw = ImageDraw.Draw(image)
-    for row in range(9):
-        draw.rectangle([16, 16 + row * 30, 200 - row % 4 * 20, 28 + row * 30], fill=(25, 25, 25))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
-PNG = _page_png()
+PNG = page_png()
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 
 
@@ -392,14 +382,8 @@ def image_host(tmp_path_factory):
     """A local HTTP server (loopback) serving page.png."""
     folder = tmp_path_factory.mktemp("www")
     (folder / "page.png").write_bytes(PNG)
-    handler = partial(SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with local_origin(quiet_folder_handler(folder)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -79,15 +79,7 @@ def test_scene_spotting_truncated_answer_keeps_what_parses(client, runner, page_
     assert [s["text"] for s in body["spots"]] == ["kept"] and body["repaired"] is True
 
 
-def test_image_to_svg_prompt_postprocess_and_rendering(client, runner, page_path, page_image, monkeypatch):
-    seen = {}
-    original = runner.processor.render_prompt
-
-    def spy(prompt, n_images=1, system=None):
-        seen["prompt"] = prompt
-        return original(prompt, n_images, system=system)
-
-    monkeypatch.setattr(runner.processor, "render_prompt", spy)
+def test_image_to_svg_prompt_postprocess_and_rendering(client, runner, page_path, page_image, rendered_prompt):
     answer = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 220 300"><rect width="50" height="40" fill="red"/>'
     with _say(runner, answer):  # no temperature sent: this type's default (0.9) samples, forced anyway
         response = _ocr(client, image=str(page_path), prompt_type="prompt_image_to_svg",
@@ -95,7 +87,7 @@ def test_image_to_svg_prompt_postprocess_and_rendering(client, runner, page_path
     body = response.get_json()
     assert response.status_code == 200, body
     width, height = page_image.size
-    assert f'viewBox="0 0 {width} {height}"' in seen["prompt"]
+    assert f'viewBox="0 0 {width} {height}"' in rendered_prompt["prompt"]
     assert body["svg"].startswith("<svg") and body["svg"].rstrip().endswith("</svg>")
     assert body["repaired"] is True  # the <svg> element was closed
     rendered = _png(body["visualization"])
@@ -110,23 +102,15 @@ def test_image_to_svg_without_an_svg_reports_a_visualization_error(client, runne
     assert response.status_code == 200 and "visualization_error" in body and "visualization" not in body
 
 
-def test_general_question_is_sent_with_the_system_turn(client, runner, page_path, monkeypatch):
-    seen = {}
-    original = runner.processor.render_prompt
-
-    def spy(prompt, n_images=1, system=None):
-        seen["prompt"], seen["system"] = prompt, system
-        return original(prompt, n_images, system=system)
-
-    monkeypatch.setattr(runner.processor, "render_prompt", spy)
+def test_general_question_is_sent_with_the_system_turn(client, runner, page_path, rendered_prompt):
     with _say(runner, "Forty two"):
         response = _ocr(client, image=str(page_path), prompt_type="prompt_general", temperature=0,
                         prompt="What is the total on this receipt?", stream=True)
         lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
     assert "".join(line["response"] for line in lines) == "Forty two"
     assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "stop"
-    assert seen["prompt"] == "What is the total on this receipt?"
-    assert seen["system"] == "You are a helpful assistant."
+    assert rendered_prompt["prompt"] == "What is the total on this receipt?"
+    assert rendered_prompt["system"] == "You are a helpful assistant."
 
 
 @pytest.mark.parametrize("body, message", [

@@ -135,18 +135,10 @@ def test_bf16_and_fp32_both_run(tiny_ckpt, page_image):
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
 
 
-def test_grounding_maps_bbox_into_the_prompt(runner, page_image, monkeypatch):
-    seen = {}
-    original = runner.processor.render_prompt
-
-    def spy(prompt, n_images=1, system=None):
-        seen["prompt"] = prompt
-        return original(prompt, n_images, system=system)
-
-    monkeypatch.setattr(runner.processor, "render_prompt", spy)
+def test_grounding_maps_bbox_into_the_prompt(runner, page_image, rendered_prompt):
     runner.generate(page_image, "prompt_grounding_ocr", bbox=[0, 0, 220, 300], temperature=0, max_new_tokens=2)
     width, height = runner.model_input_size(*page_image.size)
-    assert seen["prompt"].endswith(f"Bounding Box:\n[0, 0, {width}, {height}]")
+    assert rendered_prompt["prompt"].endswith(f"Bounding Box:\n[0, 0, {width}, {height}]")
 
 
 def test_bad_requests_are_input_errors(runner, page_image):
