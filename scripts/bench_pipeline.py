@@ -788,6 +788,16 @@ def report(figures: dict) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def print_result(table: str, result: dict, json_out: str | None = None) -> None:
+    """A benchmark's output: the table, then its figures as one JSON line (also written to
+    ``json_out`` when given)."""
+    print(table)
+    line = json.dumps(result, default=str, sort_keys=False)
+    if json_out:
+        Path(json_out).write_text(line + "\n")
+    print(line, flush=True)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve-stub"]:
@@ -798,11 +808,7 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     figures = run_benchmark(args)
-    print(report(figures))
-    line = json.dumps(figures, default=str, sort_keys=False)
-    if args.json_out:
-        Path(args.json_out).write_text(line + "\n")
-    print(line, flush=True)
+    print_result(report(figures), figures, args.json_out)
     return 0
 
 

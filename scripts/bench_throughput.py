@@ -416,11 +416,9 @@ def main(argv=None) -> int:
         return serve(argv[1:])
     args = parse_args(argv)
     result = run(args)
-    print(report(result))
-    line = json.dumps(result)
-    if args.json_out:
-        Path(args.json_out).write_text(line + "\n")
-    print(line, flush=True)
+    from bench_pipeline import print_result
+
+    print_result(report(result), result, args.json_out)
     return 0
 
 
