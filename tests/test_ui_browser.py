@@ -149,9 +149,15 @@ def test_upload_run_and_see_the_text_stream_in(page, server):
         getSelection().removeAllRanges();
         getSelection().addRange(range);
     }""")
+    # the page takes the selection (an asynchronous selectionchange) before focus moves to the layers field
+    page.wait_for_function("document.querySelector('#inspect-target').textContent.startsWith('Selected:')")
+    selected = page.evaluate("Math.min(6, document.querySelector('#answer').firstChild.length)")  # UTF-16 units
+    assert page.text_content("#inspect-target").endswith(f"(characters 0–{selected})")
     page.fill("#inspect-layers", "-1")  # the last layer (keeps the test short)
     page.click("#inspect-selection")
-    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Attention for')")
+    page.wait_for_function("/^(Attention for|Failed)/.test(document.querySelector('#status').textContent)"
+                           " || !document.querySelector('#error').hidden")
+    assert page.text_content("#status").startswith("Attention for"), page.text_content("#error")
     assert page.is_visible("#heatmap")
     width = page.evaluate("document.querySelector('#heatmap').width")
     assert width == 61  # demo_image1 (1700 x 2250) -> 1708 x 2240 model pixels -> 61 x 80 tokens

@@ -252,7 +252,7 @@ function requestBody(promptType, extra = {}) {
 
 function resetResults() {
   state.run = null;
-  lastAnswerSpan = null;
+  setAnswerSpan(null);
   $("answer").replaceChildren(document.createTextNode(""));
   $("markdown").replaceChildren();
   $("json").textContent = "";
@@ -482,8 +482,17 @@ export function toCodePoints(text, [start, end]) {
 let lastAnswerSpan = null;
 document.addEventListener("selectionchange", () => {
   const span = selectedAnswerSpan();
-  if (span) lastAnswerSpan = span;
+  if (span) setAnswerSpan(span);
 });
+
+/** Keep `span` as the text to inspect and show it under the button, so the user sees what it will use. */
+function setAnswerSpan(span) {
+  lastAnswerSpan = span;
+  const text = span && $("answer").textContent.slice(span[0], span[1]);
+  $("inspect-target").textContent = span
+    ? `Selected: "${text.length > 40 ? text.slice(0, 40) + "…" : text}" (characters ${span[0]}–${span[1]})`
+    : "No answer text selected.";
+}
 
 function selectedAnswerSpan() {
   const selection = window.getSelection();
