@@ -28,17 +28,20 @@ head, ``image_mass + other_mass == 1`` (a softmax row sums to 1 over all keys).
 
 It holds a generation slot like ``/ocr`` (429 with ``Retry-After`` when none is free) and obeys
 the same limits (body size, pixels, PDF pages, ``--max-new-tokens-limit`` for the answer's tokens).
+As on ``/ocr``, a shutdown refuses new requests with 503 and stops an answer being generated here
+(503 too), and a client that hangs up stops that generation (logged as 499, nginx's "client closed
+request": nobody reads the answer).
 """
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import MODEL_NAME, RequestError
-from .http import check_api_key, json_body
+from .errors import MODEL_NAME, SHUTDOWN_MESSAGE, RequestError
+from .http import any_of, check_api_key, client_gone_probe, json_body
 from .schemas import OCRRequest, _validation_message, validate_request
 from .state import ServerState
 
@@ -110,11 +113,14 @@ def _rounded(values) -> Any:
 def inspect():
     state = _state()
     config = state.config
+    if state.shutting_down.is_set():
+        raise RequestError(SHUTDOWN_MESSAGE, 503)
     check_api_key(config)
     req, options, temperature_sent = validate_inspect(json_body(), config)
     release = state.take_slot()
     try:
-        return jsonify(_run(state, req, options, temperature_sent))
+        should_stop = any_of(client_gone_probe(request.environ), state.stop_generation.is_set)
+        return jsonify(_run(state, req, options, temperature_sent, should_stop))
     finally:
         release()
 
@@ -123,9 +129,14 @@ def _count_tokens(runner, text: str) -> int:
     return len(runner.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _run(state: ServerState, req: OCRRequest, options: InspectOptions, temperature_sent: bool) -> dict[str, Any]:
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first" (only logged)
+
+
+def _run(state: ServerState, req: OCRRequest, options: InspectOptions, temperature_sent: bool,
+         should_stop=None) -> dict[str, Any]:
     from image_utils import ImageInputError, load_document
     from model_runner.runner import GenerationInputError
+    from model_runner.trace import TraceStopped
 
     from .ocr import _check_bbox_inside
 
@@ -144,9 +155,13 @@ def _run(state: ServerState, req: OCRRequest, options: InspectOptions, temperatu
             document.image, req.prompt_type, bbox=req.bbox, question=req.prompt, text=options.text,
             span=options.span, char_span=options.char_span, layers=options.layers, heads=options.heads,
             average_heads=options.average_heads, average_span=True, max_new_tokens=min(max_new_tokens, limit),
-            temperature=req.temperature if temperature_sent else 0.0)
+            temperature=req.temperature if temperature_sent else 0.0, should_stop=should_stop)
     except GenerationInputError as exc:
         raise RequestError(str(exc), 400) from None
+    except TraceStopped:
+        if state.stop_generation.is_set():
+            raise RequestError(SHUTDOWN_MESSAGE, 503) from None
+        raise RequestError("Client closed the connection", CLIENT_CLOSED) from None
     return _response(result, req, options, document, started)
 
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 
 # The attention math must match the model's: use the library's own RoPE function.
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from .runner import GenerationInputError, GenerationStats
@@ -203,14 +204,34 @@ def _eos_ids(model) -> set[int]:
     return set() if eos is None else set(eos if isinstance(eos, (list, tuple)) else [eos])
 
 
-def _generate_answer(runner, inputs, max_new_tokens: int, temperature: float) -> list[int]:
-    """The answer's token ids (eos dropped), from plain ``model.generate``."""
+class TraceStopped(RuntimeError):
+    """``should_stop`` ended the generation of the answer to trace (a client gone, a shutdown)."""
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends ``model.generate`` at the next step once ``should_stop()`` is true."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
+
+
+def _generate_answer(runner, inputs, max_new_tokens: int, temperature: float,
+                     should_stop: Callable[[], bool] | None = None) -> list[int]:
+    """The answer's token ids (eos dropped), from plain ``model.generate``; ``TraceStopped`` when
+    ``should_stop()`` became true before it ended."""
     model = runner.model
     eos = _eos_ids(model)
     sampling = ({"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if temperature == 0
                 else {"do_sample": True, "temperature": float(temperature), "top_p": 1.0, "top_k": 0})
+    stopping = StoppingCriteriaList([_StopWhen(should_stop)] if should_stop is not None else [])
     with torch.inference_mode():
-        sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=min(eos), **sampling)
+        sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=min(eos),
+                                   stopping_criteria=stopping, **sampling)
+    if should_stop is not None and should_stop():
+        raise TraceStopped("the generation of the answer to trace was stopped")
     ids = sequences[0, inputs["input_ids"].shape[1]:].tolist()
     while ids and ids[-1] in eos:
         ids.pop()
@@ -389,7 +410,8 @@ def trace(runner, image: Image.Image, prompt_type: str, *, layers: Sequence[int]
           heads: Sequence[int] | None = None, average_heads: bool = False, bbox=None, text: str | None = None,
           span: tuple[int, int] | None = None, char_span: tuple[int, int] | None = None,
           max_new_tokens: int = 256, temperature: float = 0.0, question: str | None = None,
-          average_span: bool = False, vision_blocks: bool | Sequence[int] = False) -> TraceResult:
+          average_span: bool = False, vision_blocks: bool | Sequence[int] = False,
+          should_stop: Callable[[], bool] | None = None) -> TraceResult:
     """Trace one answer for ``image`` and ``prompt_type`` (``bbox`` for grounding, original pixels).
 
     The answer is ``text`` when given (e.g. what ``/ocr`` returned; it is tokenized), else it is
@@ -400,7 +422,8 @@ def trace(runner, image: Image.Image, prompt_type: str, *, layers: Sequence[int]
     ``average_span`` keeps only the mean over the span's tokens (one row per layer: memory no
     longer grows with the span). ``question``: the user's prompt, for ``prompt_general``.
     ``vision_blocks``: True for every vision block's output, or a list of indices
-    (0 = patch embeddings, j + 1 = block j).
+    (0 = patch embeddings, j + 1 = block j). ``should_stop``: polled at every step of generating the
+    answer; once true, generation ends and ``TraceStopped`` is raised (nothing is traced).
 
     Memory: each traced layer keeps S x H' x rows x cols float32 on the CPU (a letter page has
     about 5,000 image tokens: 12 heads x 256 tokens is 60 MB per layer).
@@ -415,7 +438,7 @@ def trace(runner, image: Image.Image, prompt_type: str, *, layers: Sequence[int]
     grid = _image_grid(runner, inputs, stats)
 
     if text is None:
-        token_ids = _generate_answer(runner, inputs, max_new_tokens, temperature)
+        token_ids = _generate_answer(runner, inputs, max_new_tokens, temperature, should_stop)
         answer, pieces, offsets = token_offsets(tokenizer, token_ids)
     else:
         answer = text

@@ -288,6 +288,25 @@ def test_shutdown_stops_openai_requests_running_queued_and_new(app_no_repetition
     assert again.status_code == 503 and again.get_json()["error"]["message"] == "server shutting down"
 
 
+def test_shutdown_stops_an_inspect_generation_and_refuses_new_ones(app_no_repetition_guard):
+    """/inspect without a text generates the answer it traces: a shutdown stops that generation
+    (503, slot released), and a new /inspect gets 503 before any work."""
+    app = app_no_repetition_guard
+    state = app.extensions["dots_ocr"]
+    body = {key: LONG[key] for key in ("image", "image_format", "temperature", "max_new_tokens", "prompt_type")}
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=app.test_client().post("/inspect", json=body)))
+    worker.start()
+    _wait_running(state)
+    _shut_down(state)
+    worker.join(30)
+    response = result["r"]
+    assert response.status_code == 503 and response.get_json()["error"] == "server shutting down"
+    assert state.lock.running == 0
+    again = app.test_client().post("/inspect", json={**body, "text": "Hello"})
+    assert again.status_code == 503 and again.get_json()["error"] == "server shutting down"
+
+
 def test_shutdown_ends_a_running_stream_with_an_error_line(app_no_repetition_guard):
     app = app_no_repetition_guard
     state = app.extensions["dots_ocr"]

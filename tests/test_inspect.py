@@ -64,6 +64,16 @@ def test_generated_answer_when_no_text_is_given(client, runner, page_b64, page_i
     assert body["token_count"] <= 6 and body["span"] == [0, body["token_count"]]
 
 
+def test_a_client_that_hangs_up_stops_the_generated_answer(app, client, page_b64):
+    """The generation behind a text-less /inspect stops when the client is gone (the probe that
+    waitress gives), and the slot is free again; nobody reads the 499."""
+    body = {"image": page_b64, "image_format": "base64", "prompt_type": "prompt_layout_only_en",
+            "max_new_tokens": 2000}
+    gone = client.post("/inspect", json=body, environ_overrides={"waitress.client_disconnected": lambda: True})
+    assert gone.status_code == 499 and gone.json["error"] == "Client closed the connection"
+    assert app.extensions["dots_ocr"].lock.running == 0
+
+
 def test_busy_server_answers_429_and_the_slot_is_released(app, client, page_b64):
     state = app.extensions["dots_ocr"]
     assert state.lock.acquire()

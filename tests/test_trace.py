@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_runner.runner import GenerationInputError
-from model_runner.trace import attention_rows, chars_to_tokens, token_offsets
+from model_runner.trace import TraceStopped, attention_rows, chars_to_tokens, token_offsets
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +172,20 @@ def test_bad_requests_are_input_errors(runner, page_image, kwargs, message):
     kwargs = {"text": "Hello world", **kwargs}
     with pytest.raises(GenerationInputError, match=re.escape(message)):
         runner.trace(page_image, "prompt_ocr", **kwargs)
+
+
+def test_should_stop_ends_the_generated_answer(runner, page_image):
+    """``should_stop`` is polled at each generated token; once true, generation ends and nothing is traced."""
+    polls = []
+
+    def stop_after_three() -> bool:
+        polls.append(1)
+        return len(polls) >= 3
+
+    with pytest.raises(TraceStopped):
+        runner.trace(page_image, "prompt_layout_only_en", max_new_tokens=500, layers=[-1],
+                     should_stop=stop_after_three)
+    assert len(polls) == 4  # true at the third token's poll (generation ends), then once more to report it
+    # a given text is not generated, so there is nothing to stop
+    traced = runner.trace(page_image, "prompt_ocr", text="Hello", layers=[-1], should_stop=lambda: True)
+    assert traced.text == "Hello"
