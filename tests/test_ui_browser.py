@@ -104,6 +104,15 @@ def _run(page, prompt_type: str, max_tokens: int) -> None:
     page.click("#run")
 
 
+def _tooltip_offset(page, selector: str) -> tuple[float, float]:
+    """Where the hover card sits relative to the bottom-left corner of the hovered element (CSS px)."""
+    return tuple(page.evaluate("""(selector) => {
+        const target = document.querySelector(selector).getBoundingClientRect();
+        const card = document.querySelector('#tooltip').getBoundingClientRect();
+        return [card.left - target.left, card.top - target.bottom];
+    }""", selector))
+
+
 def test_wrong_key_is_a_readable_error(browser, server):
     """Also: under the page's own Content-Security-Policy, its scripts and styles load and run."""
     page = browser.new_page()
@@ -259,6 +268,7 @@ def test_layout_hover_markdown_and_downloads(page, server):
     page.wait_for_selector("#tooltip:not([hidden])")
     tooltip = page.text_content("#tooltip")
     assert "Title" in tooltip and "A <b>title</b>" in tooltip and "mean 0.930" in tooltip and "min 0.610" in tooltip
+    assert _tooltip_offset(page, '.box[data-index="0"]') == pytest.approx((0, 4), abs=1)  # just below the box
     page.click("[data-tab=markdown]")
     assert page.locator("#markdown img").count() == 0 and page.evaluate("window.pwned") is None
     assert page.locator("#markdown table td").count() == 1
@@ -267,4 +277,56 @@ def test_layout_hover_markdown_and_downloads(page, server):
     with page.expect_download() as download:
         page.click("#download-md")
     assert Path(download.value.path()).read_text() == markdown
+    assert page.errors == []
+
+
+SPOTS = [{"quad": [[100, 100], [600, 120], [590, 260], [90, 240]], "text": "SALE <b>50%</b>"},
+         {"quad": [[800, 1000], [1500, 1000], [1500, 1200], [800, 1200]], "text": ""}]
+# onload and <script> must not run: an SVG drawn through <img> is inert
+SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 1700 2250" width="1700" height="2250" '
+       'onload="window.pwned=1"><script>window.pwned=2</script><rect x="10" y="10" width="300" height="200" '
+       'fill="#c0392b"/></svg>')
+
+
+def _answer_with(page, prompt_type: str, final: dict) -> None:
+    """Run `prompt_type` with /ocr's stream answered by `final`'s fields on the last line."""
+    lines = [{"model": "dots-ocr", "response": "answer", "done": False},
+             {"model": "dots-ocr", "response": "", "done": True, "repaired": False, **final}]
+    page.unroute("**/ocr")
+    page.route("**/ocr", lambda route: route.fulfill(
+        status=200, content_type="application/x-ndjson", body="".join(json.dumps(line) + "\n" for line in lines)))
+    _run(page, prompt_type, 100)
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
+
+
+def test_scene_spots_and_the_svg_drawing(page, server):
+    """dots.mocr's outputs on the page: scene-text quadrilaterals over the image (text on hover), and
+    the SVG shown as an image (its script inert) with a download. Answers replayed, as above."""
+    _open(page, "demo_image1.jpg")
+    _answer_with(page, "prompt_scene_spotting", {"spots": SPOTS, "markdown": "SALE <b>50%</b>"})
+    polygons = page.locator("#boxes svg.spots polygon.spot")
+    assert polygons.count() == 2
+    assert polygons.nth(0).get_attribute("points") == "100,100 600,120 590,260 90,240"
+    assert page.get_attribute("#boxes svg.spots", "viewBox") == "0 0 1700 2250"  # original pixels
+    polygons.nth(0).hover()
+    page.wait_for_selector("#tooltip:not([hidden])")
+    assert "Text #0" in page.text_content("#tooltip") and "SALE <b>50%</b>" in page.text_content("#tooltip")
+    assert _tooltip_offset(page, "polygon.spot") == pytest.approx((0, 4), abs=1)
+    assert page.is_hidden("[data-tab=drawing]") and page.is_hidden("#download-svg")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "spots.png"))
+
+    _answer_with(page, "prompt_image_to_svg", {"svg": SVG})
+    assert page.locator("#boxes svg.spots").count() == 0  # the previous answer's drawing is gone
+    page.click("[data-tab=drawing]")
+    page.wait_for_function("document.querySelector('#drawing img') && document.querySelector('#drawing img').complete")
+    assert page.evaluate("document.querySelector('#drawing img').naturalWidth") == 1700  # the browser drew it
+    assert page.evaluate("window.pwned") is None
+    page.screenshot(path=str(ARTIFACTS / "svg_drawing.png"))
+    with page.expect_download() as download:
+        page.click("#download-svg")
+    assert Path(download.value.path()).read_text() == SVG and download.value.suggested_filename == "demo_image1.svg"
+
+    _answer_with(page, "prompt_ocr", {})  # a plain answer: no drawing tab, no SVG download
+    assert page.is_hidden("[data-tab=drawing]") and page.is_hidden("#download-svg")
     assert page.errors == []

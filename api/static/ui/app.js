@@ -260,6 +260,7 @@ function resetResults() {
   $("inspect-info").textContent = "";
   $("inspect-selection").disabled = true;
   setDownloads(null);
+  showDrawing(null);
   viewer.clearLayout();
   viewer.clearHeatmap();
 }
@@ -326,11 +327,35 @@ async function run() {
 
 function showResult(result) {
   viewer.showLayout(result.layout || []);
+  if (Array.isArray(result.spots)) viewer.showSpots(result.spots);
   const markdown = typeof result.markdown === "string" ? result.markdown : result.response;
   renderMarkdown(markdown, $("markdown"), (name) => pictureCrop(name, result.layout || []));
   $("json").textContent = JSON.stringify(result, null, 2);
   setDownloads(result, markdown);
+  showDrawing(typeof result.svg === "string" && result.svg ? result.svg : null);
   $("inspect-selection").disabled = false;
+}
+
+/** prompt_image_to_svg: the SVG the model wrote, shown as an image. An SVG loaded through <img>
+ *  runs no script and loads nothing (the browser's rule for SVG images), so the model's markup
+ *  cannot act on the page. */
+function showDrawing(svg) {
+  const panel = $("drawing");
+  panel.replaceChildren();
+  document.querySelector("[data-tab=drawing]").hidden = !svg;
+  if (!svg) return;
+  const url = URL.createObjectURL(new Blob([svg], { type: "image/svg+xml" }));
+  state.downloads.push(url); // revoked with the downloads
+  const image = document.createElement("img");
+  image.alt = "the SVG the model wrote";
+  image.addEventListener("error", () => {
+    const note = document.createElement("p");
+    note.className = "muted";
+    note.textContent = "The browser cannot draw this SVG (see the JSON tab for its text).";
+    panel.replaceChildren(note);
+  });
+  image.src = url;
+  panel.appendChild(image);
 }
 
 /** `picture_<i>.png` in the markdown is layout cell i: show that part of the page. */
@@ -353,7 +378,9 @@ function setDownloads(result, markdown = "") {
   const links = [
     [$("download-json"), result && JSON.stringify(result, null, 2), "application/json", `${stem}.json`],
     [$("download-md"), result && markdown, "text/markdown", `${stem}.md`],
+    [$("download-svg"), result && result.svg, "image/svg+xml", `${stem}.svg`],
   ];
+  $("download-svg").hidden = !(result && result.svg);
   for (const [link, content, type, filename] of links) {
     if (content === null || content === undefined || !result) {
       link.removeAttribute("href");

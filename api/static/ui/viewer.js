@@ -1,7 +1,9 @@
 // The page view: the page image, layout boxes (original-image pixels) coloured by category with a
-// hover card, a drag rectangle for grounding OCR, and the attention heatmap over the image-token grid.
+// hover card, scene-text quadrilaterals, a drag rectangle for grounding OCR, and the attention
+// heatmap over the image-token grid.
 
 const FALLBACK_COLOR = [255, 0, 255]; // until the server's colours arrive (layout.FALLBACK_COLOR)
+const SVG_NS = "http://www.w3.org/2000/svg";
 const MIN_DRAG_PX = 6; // a smaller movement is a click, not a region
 
 export class PageViewer {
@@ -9,6 +11,7 @@ export class PageViewer {
     Object.assign(this, { stage, image, boxes, heatmap, selection, tooltip });
     this.size = null; // [width, height] of the page in original pixels
     this.cells = [];
+    this.spots = [];
     this.colors = {};
     this.fallback = FALLBACK_COLOR;
     this.onRegion = () => {};
@@ -76,6 +79,26 @@ export class PageViewer {
     });
   }
 
+  /** Draw scene-text spots (``quad``: four [x, y] corners in original pixels), their text on hover. */
+  showSpots(spots) {
+    this.spots = spots || [];
+    const [width, height] = this.size;
+    // one SVG over the page in original-pixel coordinates, stretched with the page
+    const overlay = document.createElementNS(SVG_NS, "svg");
+    overlay.setAttribute("class", "spots");
+    overlay.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    overlay.setAttribute("preserveAspectRatio", "none");
+    this.spots.forEach((spot, index) => {
+      if (!Array.isArray(spot.quad) || spot.quad.length !== 4) return;
+      const polygon = document.createElementNS(SVG_NS, "polygon");
+      polygon.setAttribute("class", "spot");
+      polygon.dataset.spot = String(index);
+      polygon.setAttribute("points", spot.quad.map(([x, y]) => `${x},${y}`).join(" "));
+      overlay.appendChild(polygon);
+    });
+    this.boxes.appendChild(overlay);
+  }
+
   /** A grounding region with its answer, kept on the page until the next full run. */
   addRegion(bbox, text) {
     const box = document.createElement("div");
@@ -89,6 +112,7 @@ export class PageViewer {
 
   clearLayout() {
     this.cells = [];
+    this.spots = [];
     this.boxes.replaceChildren();
     this.tooltip.hidden = true;
   }
@@ -100,14 +124,18 @@ export class PageViewer {
   }
 
   hover(event) {
-    const box = event.target.closest(".box");
+    const box = event.target.closest(".box, [data-spot]");
     if (!box) return;
     const card = this.tooltip;
     card.replaceChildren();
     const title = document.createElement("strong");
     const body = document.createElement("div");
     body.className = "tooltip-text";
-    if (box.dataset.region) {
+    if (box.dataset.spot !== undefined) {
+      const spot = this.spots[Number(box.dataset.spot)];
+      title.textContent = `Text #${box.dataset.spot}`;
+      body.textContent = typeof spot.text === "string" && spot.text ? spot.text : "(no text)";
+    } else if (box.dataset.region) {
       title.textContent = "Grounding OCR";
       body.textContent = box.dataset.text || "(no text)";
     } else {
@@ -129,12 +157,14 @@ export class PageViewer {
     this.positionTooltip(box);
   }
 
+  /** The card just below `box`: its coordinates are relative to its positioned container. */
   positionTooltip(box) {
     const card = this.tooltip;
     const rect = box.getBoundingClientRect();
     card.hidden = false;
-    card.style.left = `${window.scrollX + rect.left}px`;
-    card.style.top = `${window.scrollY + rect.bottom + 4}px`;
+    const origin = (card.offsetParent || document.body).getBoundingClientRect();
+    card.style.left = `${rect.left - origin.left}px`;
+    card.style.top = `${rect.bottom - origin.top + 4}px`;
   }
 
   // -- drag a rectangle -------------------------------------------------------------------------
