@@ -48,7 +48,8 @@ def test_every_asset_is_in_the_repository_and_nothing_is_fetched_from_elsewhere(
     files = sorted(STATIC.iterdir())
     assert {f.name for f in files} == set(ASSETS)
     for path in files:
-        text = path.read_text(encoding="utf-8")
+        # the SVG namespace of createElementNS is a name, never fetched
+        text = path.read_text(encoding="utf-8").replace('"http://www.w3.org/2000/svg"', "SVG_NAMESPACE")
         assert not re.search(r"https?://", text), path.name
         assert not re.search(r"""(src|href)=["']//""", text), path.name
         assert "@import" not in text and "url(" not in text, path.name
