@@ -32,6 +32,8 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
     given runner that is not loaded yet is loaded the same way."""
     if not isinstance(config, ServerConfig):
         config = ServerConfig.from_mapping(config)
+    if not config.stream_interval_ms >= 0:
+        raise ValueError("--stream-interval-ms must be >= 0")
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_body_mb * 1024 * 1024)
     app.json.ensure_ascii = False

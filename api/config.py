@@ -29,6 +29,7 @@ class ServerConfig:
     max_batch_size: int = 1
     torch_threads: int | None = None  # torch's intra-op threads (None: torch's default, one per core)
     max_queue: int = 64
+    stream_interval_ms: float = 10.0  # a stream's lines come at most this often (0: one per token)
     max_pdf_pages: int = 2000
     max_prompt_chars: int = 4000
     metrics: bool = True  # GET /metrics (Prometheus) and its bookkeeping
@@ -77,6 +78,9 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
                                            "fewer leaves cores to the request threads on a CPU server")),
     ("--max-queue", dict(type=int, help="/v1 requests that wait for a slot when all are busy (more: 429); "
                                         "/ocr never waits")),
+    ("--stream-interval-ms", dict(type=float, help="a stream sends what was decoded at most this often, "
+                                                   "several tokens per line when they come faster (0: a line "
+                                                   "per token, at a cost per token that a small model feels)")),
     ("--max-pdf-pages", dict(type=int, help="largest PDF (pages) accepted, checked when it is opened")),
     ("--max-prompt-chars", dict(type=int, help="longest `prompt` (question) for prompt_general")),
     ("--metrics", dict(action=argparse.BooleanOptionalAction,

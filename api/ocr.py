@@ -68,7 +68,7 @@ def ocr():
     release = state.take_slot()
     try:
         should_stop = any_of(client_gone_probe(request.environ), state.stop_generation.is_set)
-        job = _start_job(state.runner, state.policy, req, should_stop)
+        job = _start_job(state.runner, state.policy, req, should_stop, state.wake_interval_s(bool(req.stream)))
         job.halted = state.stop_generation.is_set
     except BaseException:
         release()
@@ -206,7 +206,7 @@ def _check_bbox_inside(req: OCRRequest, size: tuple[int, int]) -> None:
         raise RequestError(f"Invalid 'bbox': {req.bbox} lies entirely outside the image ({width} x {height} pixels)")
 
 
-def _start_job(runner, policy, req: OCRRequest, should_stop) -> _Job:
+def _start_job(runner, policy, req: OCRRequest, should_stop, wake_interval_s: float = 0.0) -> _Job:
     """Load the page and run generation up to its first text piece, so that a bad image or an
     impossible request is still answered with a plain JSON error (before any streamed line)."""
     from image_utils import ImageInputError, load_document
@@ -225,7 +225,8 @@ def _start_job(runner, policy, req: OCRRequest, should_stop) -> _Job:
     pieces = runner.stream_pieces(document.image, req.prompt_type, bbox=req.bbox,
                                   temperature=req.sampling_temperature, top_p=req.top_p,
                                   max_new_tokens=req.max_new_tokens, stats=stats, should_stop=should_stop,
-                                  question=req.prompt, seed=req.seed, logprobs=logprobs)
+                                  question=req.prompt, seed=req.seed, logprobs=logprobs,
+                                  wake_interval_s=wake_interval_s)
     first_tokens: list[Any] = []
     first = ""
     try:

@@ -411,6 +411,7 @@ def _start(state: ServerState, req: ChatCompletionRequest, turns: list[dict[str,
     image = _load_image(state, image_url)
     stats = GenerationStats()
     pieces = state.runner.stream_pieces(image, None, messages=turns, stats=stats, should_stop=should_stop,
+                                        wake_interval_s=state.wake_interval_s(bool(req.stream)),
                                         **_sampling(req, state.config.max_new_tokens_limit))
     head: list[Any] = []
     try:

@@ -126,6 +126,13 @@ class ServerState:
     def model_loaded(self) -> bool:
         return self.runner is not None and self.runner.loaded
 
+    def wake_interval_s(self, stream: bool) -> float:
+        """How often the request's thread collects decoded tokens (``stream_pieces``'
+        ``wake_interval_s``): a stream every ``--stream-interval-ms``, a whole answer rarely."""
+        from model_runner.runner import BATCHED_WAKE_INTERVAL_S
+
+        return self.config.stream_interval_ms / 1000 if stream else BATCHED_WAKE_INTERVAL_S
+
     def take_slot(self) -> Callable[[], None]:
         """A generation slot at once, as API.md's routes take it: 500 while the model is not
         loaded, 429 (with ``Retry-After``) when every slot is busy. Returns the release function

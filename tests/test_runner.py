@@ -26,6 +26,33 @@ def test_stream_joined_equals_generate(runner, page_image):
     assert stats.model_size[0] % 28 == 0 and stats.model_size[1] % 28 == 0
 
 
+def test_a_wake_interval_gives_the_same_answer_in_fewer_pieces(runner, page_image):
+    """``wake_interval_s``: the tokens decoded meanwhile come together, the first one at once; the
+    tokens, text and statistics are those of a per-token stream."""
+    ids = plain_token_ids(runner, 60)
+    with ForcedTokens(runner.model, lambda step: ids[step % len(ids)]):
+        each_stats, long_stats = GenerationStats(), GenerationStats()
+        each = list(runner.stream_pieces(page_image, "prompt_ocr", temperature=0, max_new_tokens=60,
+                                         stats=each_stats))
+        started = time.perf_counter()
+        first_at = None
+        gathered = []
+        for piece in runner.stream_pieces(page_image, "prompt_ocr", temperature=0, max_new_tokens=60,
+                                          stats=long_stats, wake_interval_s=30.0):
+            first_at = first_at or time.perf_counter() - started
+            gathered.append(piece)
+    total = time.perf_counter() - started
+    assert total < 30  # the end of the answer wakes the reader, not the 30 s interval
+    assert [t.id for p in gathered for t in p.tokens] == [t.id for p in each for t in p.tokens] == ids[:60]
+    assert "".join(p.text for p in gathered) == "".join(p.text for p in each)
+    # the first token at once, then the rest when the answer ended (in pieces of at most 64 tokens)
+    assert len(gathered[0].tokens) < 60 and 2 <= len(gathered) <= 3
+    assert long_stats.new_tokens == each_stats.new_tokens == 60 and long_stats.finish_reason == "length"
+    assert 0 < long_stats.ttft_s <= first_at  # when the loop chose the token, not when the reader woke
+    with pytest.raises(GenerationInputError, match="wake_interval_s"):
+        next(runner.stream_pieces(page_image, "prompt_ocr", wake_interval_s=-1))
+
+
 def test_greedy_is_deterministic_and_sampling_runs(runner, page_image):
     a = runner.generate(page_image, "prompt_layout_all_en", temperature=0, max_new_tokens=16).text
     b = runner.generate(page_image, "prompt_layout_all_en", temperature=0, max_new_tokens=16).text

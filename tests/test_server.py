@@ -9,7 +9,7 @@ import threading
 import pytest
 from PIL import Image
 
-from forcing import FailsAtStep
+from forcing import FailsAtStep, ForcedTokens, plain_token_ids
 from serverproc import wait_until_loaded
 from server import BUSY_MESSAGE, ServerConfig, create_app, main, parse_args
 
@@ -169,6 +169,28 @@ def test_stream_ndjson(app, client, page_path):
     plain = _ocr(client, image=str(page_path), prompt_type="prompt_ocr", max_new_tokens=12).get_json()["response"]
     assert streamed == plain
     _assert_free(app)
+
+
+def test_stream_interval_gathers_tokens_into_fewer_lines(runner, page_path):
+    """--stream-interval-ms: the first token's line at once, then what was decoded meanwhile, at
+    most that often (here: once more, when the answer ends); the same text as a line per token.
+    A negative interval is refused at start-up."""
+    body = {"image": str(page_path), "stream": True, "temperature": 0, "max_new_tokens": 40,
+            "prompt_type": "prompt_ocr"}
+    ids = plain_token_ids(runner, 40)
+    texts = {}
+    with ForcedTokens(runner.model, lambda step: ids[step % len(ids)]):
+        for interval in (0, 30_000):
+            app = create_app({"image_root": None, "stream_interval_ms": interval}, runner=runner)
+            lines = [json.loads(line) for line in
+                     app.test_client().post("/ocr", json=body).get_data(as_text=True).splitlines()]
+            assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 40
+            texts[interval] = [line["response"] for line in lines[:-1]]
+    assert "".join(texts[30_000]) == "".join(texts[0])
+    assert 2 <= len(texts[30_000]) <= 3  # first token, the rest at the end (and a held-back tail)
+    assert parse_args(["--stream-interval-ms", "0"]).stream_interval_ms == 0
+    with pytest.raises(ValueError, match="stream-interval-ms"):
+        create_app({"stream_interval_ms": -1}, runner=runner)
 
 
 def test_stream_holds_the_lock_until_finished(app, client, page_path):
