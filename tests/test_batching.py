@@ -62,8 +62,8 @@ def prepared(runner, images):
 
 def _request(runner, inputs, max_new_tokens, chooser=None, **fields) -> EngineRequest:
     chooser = chooser or TokenChooser(DecodingOptions(temperature=0), runner.model.lm_head.weight.shape[0], runner.device)
-    return EngineRequest(inputs=inputs, chooser=chooser, max_new_tokens=max_new_tokens,
-                         eos_ids=frozenset(runner._eos_ids()), **fields)
+    fields.setdefault("eos_ids", frozenset(runner._eos_ids()))
+    return EngineRequest(inputs=inputs, chooser=chooser, max_new_tokens=max_new_tokens, **fields)
 
 
 class Scripted(DynamicBatch):
@@ -182,12 +182,15 @@ def test_seeded_sampling_and_logprobs_same_alone_and_batched(runner, prepared):
     engine = BatchEngine(backend, max_batch_size=4)
     greedy = _request(runner, prepared["tall"], 30, logprobs=3)
     sampled = _request(runner, prepared["wide"], 25, chooser=sampler(seed=5))
-    stranger = _request(runner, prepared["strip"], 30, chooser=sampler())  # unseeded, draws as it likes
+    # unseeded, draws as it likes; eos ignored, so that it surely runs past step 6 where `sampled`
+    # joins (an early eos from its random draws, with `greedy` done too, ended the loop before that)
+    stranger = _request(runner, prepared["strip"], 30, chooser=sampler(), eos_ids=frozenset())
     _start(engine, stranger)
     _join_at(engine, 3, greedy)
     _join_at(engine, 6, sampled)
     _finish_all(engine, [stranger, greedy, sampled])
 
+    assert len(stranger.generated) == 30 and sampled.error is None
     assert sampled.generated == alone_sampled.generated
     assert greedy.generated == alone_greedy.generated
     payload = [p for _, p in _drain(greedy)]
