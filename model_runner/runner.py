@@ -527,10 +527,11 @@ class ModelRunner:
                 logprobs: int | None, wake_interval_s: float = 0.0) -> Iterator[Piece]:
         """Pieces of the request's tokens until its END; the timeout only checks that the loop
         is alive (a loop that died without ending the request raises). ``wake_interval_s`` > 0:
-        collect at most that often (the first token, and the end of the answer, at once)."""
-        next_collect = 0.0
+        collect at most that often (the first token, the end of the answer, and what is left
+        after a full piece, at once)."""
+        next_collect, behind = 0.0, False
         while True:
-            if wake_interval_s:
+            if wake_interval_s and not behind:
                 wait_s = next_collect - time.perf_counter()
                 if wait_s > 0:
                     request.done.wait(wait_s)
@@ -557,6 +558,7 @@ class ModelRunner:
                     ended = True
                     break
                 events.append(waiting)
+            behind = len(events) == MAX_TOKENS_PER_PIECE  # more may be waiting: collect them next
             pieces = [assembler.add(token, payload, logprobs) for token, payload in events]
             yield pieces[0] if len(pieces) == 1 else Piece("".join(p.text for p in pieces),
                                                            tuple(t for p in pieces for t in p.tokens))

@@ -53,6 +53,36 @@ def test_a_wake_interval_gives_the_same_answer_in_fewer_pieces(runner, page_imag
         next(runner.stream_pieces(page_image, "prompt_ocr", wake_interval_s=-1))
 
 
+def test_a_reader_behind_collects_the_rest_without_waiting(runner, page_image, monkeypatch):
+    """A full piece (``MAX_TOKENS_PER_PIECE`` tokens) means more may be waiting: the next piece is
+    collected at once, not after another wake interval."""
+    import model_runner.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "MAX_TOKENS_PER_PIECE", 4)
+    ids = plain_token_ids(runner, 30)
+    release = threading.Event()
+
+    def next_token(step):
+        if step == 12:  # the prefill chose token 1 (step 0): 12 tokens, then the loop waits here
+            release.wait(30)
+        return ids[step % len(ids)]
+
+    with ForcedTokens(runner.model, next_token):
+        pieces = runner.stream_pieces(page_image, "prompt_ocr", temperature=0, max_new_tokens=20,
+                                      wake_interval_s=2.0)
+        try:
+            assert len(next(pieces).tokens) == 1  # the first token at once
+            time.sleep(2.5)  # past the interval; 11 more tokens wait
+            started = time.perf_counter()
+            sizes = [len(next(pieces).tokens) for _ in range(3)]
+            elapsed = time.perf_counter() - started
+        finally:
+            release.set()
+            pieces.close()
+    assert sizes == [4, 4, 3]
+    assert elapsed < 1.5  # back to back: no 2 s wait after a full piece
+
+
 def test_greedy_is_deterministic_and_sampling_runs(runner, page_image):
     a = runner.generate(page_image, "prompt_layout_all_en", temperature=0, max_new_tokens=16).text
     b = runner.generate(page_image, "prompt_layout_all_en", temperature=0, max_new_tokens=16).text
