@@ -95,6 +95,11 @@ class PageOcr:
         workers = max(1, int(self.runner.max_batch_size))
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dots-ocr-page")
 
+    def close(self) -> None:
+        """Stop the page threads. Ray ends an actor with its process; a caller that made a
+        ``PageOcr`` itself calls this when done with it."""
+        self.pool.shutdown(wait=True)
+
     def __call__(self, batch):
         import pyarrow as pa
 

@@ -190,6 +190,7 @@ def test_actor_runs_a_batch_concurrently_and_postprocesses(batch_runner, corpus)
         table = actor(pa.Table.from_pylist(_pages(corpus, ["demo_pdf1.pdf"])))
     finally:
         del batch_runner.generate
+        actor.close()
     rows = table.to_pylist()
     assert table.schema.names == output_columns(postprocess=True, logprobs=True)
     assert [(r["page"], r["page_count"], r["error"]) for r in rows] == [(1, 2, None), (2, 2, None)]
@@ -214,6 +215,10 @@ def test_actor_turns_bad_pages_into_error_rows(batch_runner, corpus):
         rows = actor(pa.Table.from_pylist(pages)).to_pylist()
     finally:
         del batch_runner.generate
+        actor.close()
+    # close() ends the page threads at once (the logged tracebacks keep the actor alive until a
+    # garbage collection, and its idle threads with it)
+    assert not [t for t in threading.enumerate() if t.name.startswith("dots-ocr-page") and t.is_alive()]
     errors = [r["error"] for r in rows]
     assert errors[0].startswith("cannot load the page: Could not decode image")
     assert errors[1] == errors[2] == "generation failed: RuntimeError: CUDA out of memory (simulated)"
@@ -303,9 +308,12 @@ class InProcessEngine:
 
     def ocr(self, pages, settings, actors):
         actor = PageOcr(settings, runner=self.runner)
-        for start in range(0, len(pages), settings.batch_size):
-            self.ocr_calls += 1
-            yield actor(pa.Table.from_pylist(pages[start:start + settings.batch_size])).to_pylist()
+        try:
+            for start in range(0, len(pages), settings.batch_size):
+                self.ocr_calls += 1
+                yield actor(pa.Table.from_pylist(pages[start:start + settings.batch_size])).to_pylist()
+        finally:
+            actor.close()
 
 
 def _all_rows(out: Path):

@@ -71,7 +71,8 @@ def test_stream_arrives_line_by_line(server):
             arrivals.append(time.monotonic() - started)
             lines.append(json.loads(raw))
     assert lines[-1]["done"] is True and lines[-1]["response"] == ""
-    assert len(lines) > 30
+    # lines come as they are made, every --stream-interval-ms (10) at most: many, not one at the end
+    assert 5 <= len(lines) <= 601
     # The first line reached us well before generation ended: lines are sent as they are made.
     assert arrivals[0] < 0.5 * arrivals[-1], (arrivals[0], arrivals[-1], len(lines))
     plain = _ocr(server, max_new_tokens=600, prompt_type="prompt_layout_only_en").json()["response"]

@@ -5,6 +5,7 @@ the step (dynamo with a CPU backend) and checks that nothing recompiles after th
 CUDA specifics (inductor, CUDA graphs, the free-memory check on a real GPU) are checked by
 scripts/gpu_check.sh.
 """
+import gc
 import json
 import subprocess
 import sys
@@ -162,6 +163,7 @@ def test_each_row_ends_on_its_own_and_failures_stay_with_their_request(plain_run
 def test_slots_are_reused_without_growth(fast_runner):
     decoder = fast_runner.decoder
     pointers = [t.data_ptr() for t in decoder.keys + decoder.values]
+    gc.collect()  # threads of earlier tests' objects that only a collection frees go now, not mid-test
     threads_before = threading.active_count()
     for round_ in range(6):  # 24 requests through the slots, in overlapping groups
         pages = ["small", "wide", "tall", "small"]

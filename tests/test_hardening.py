@@ -261,9 +261,14 @@ def test_shutdown_stops_openai_requests_running_queued_and_new(app_no_repetition
     in OpenAI's error shape, and so does a new one."""
     app = app_no_repetition_guard
     state = app.extensions["dots_ocr"]
+    from model_runner.prompts import prompt_text
+
+    # LONG's prompt: the tiny model never ends it, so the first request surely still runs when the
+    # second has queued (the OCR prompt ends by eos after about 100 tokens)
+    layout_only = prompt_text("prompt_layout_only_en", None)
     body = {"model": "m", "max_tokens": 20000, "temperature": 0, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PAGE}},
-        {"type": "text", "text": "<|img|><|imgpad|><|endofimg|>Extract the text content from this image."}]}]}
+        {"type": "text", "text": "<|img|><|imgpad|><|endofimg|>" + layout_only}]}]}
     results = []
 
     def call():

@@ -214,10 +214,10 @@ def test_error_mid_stream_is_an_error_event(client, runner, monkeypatch):
     def failing(*args, **kwargs):
         pieces = original(*args, **kwargs)
         try:
-            for count, piece in enumerate(pieces):
-                if count == 3:
-                    raise RuntimeError("the device fell over")
+            for piece in pieces:
                 yield piece
+                if piece.text:  # the first text is the stream's first chunk: fail right after it
+                    raise RuntimeError("the device fell over")
         finally:
             pieces.close()
 

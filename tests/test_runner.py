@@ -26,11 +26,26 @@ def test_stream_joined_equals_generate(runner, page_image):
     assert stats.model_size[0] % 28 == 0 and stats.model_size[1] % 28 == 0
 
 
+def _held_after_first_token(ids, first_step: int):
+    """A next_token for ForcedTokens whose decoding waits at ``first_step`` (the step after a run's
+    first token) until ``.first_read`` is set: the reader surely takes the first token alone."""
+    first_read = threading.Event()
+
+    def next_token(step):
+        if step == first_step and not first_read.wait(20):
+            raise RuntimeError("the reader never took the first token")
+        return ids[step % len(ids)]
+
+    next_token.first_read = first_read
+    return next_token
+
+
 def test_a_wake_interval_gives_the_same_answer_in_fewer_pieces(runner, page_image):
     """``wake_interval_s``: the tokens decoded meanwhile come together, the first one at once; the
     tokens, text and statistics are those of a per-token stream."""
     ids = plain_token_ids(runner, 60)
-    with ForcedTokens(runner.model, lambda step: ids[step % len(ids)]):
+    next_token = _held_after_first_token(ids, 61)  # steps 0-59: the first run; 60: the second's prefill
+    with ForcedTokens(runner.model, next_token):
         each_stats, long_stats = GenerationStats(), GenerationStats()
         each = list(runner.stream_pieces(page_image, "prompt_ocr", temperature=0, max_new_tokens=60,
                                          stats=each_stats))
@@ -41,12 +56,13 @@ def test_a_wake_interval_gives_the_same_answer_in_fewer_pieces(runner, page_imag
                                           stats=long_stats, wake_interval_s=30.0):
             first_at = first_at or time.perf_counter() - started
             gathered.append(piece)
+            next_token.first_read.set()
     total = time.perf_counter() - started
     assert total < 30  # the end of the answer wakes the reader, not the 30 s interval
     assert [t.id for p in gathered for t in p.tokens] == [t.id for p in each for t in p.tokens] == ids[:60]
     assert "".join(p.text for p in gathered) == "".join(p.text for p in each)
-    # the first token at once, then the rest when the answer ended (in pieces of at most 64 tokens)
-    assert len(gathered[0].tokens) < 60 and 2 <= len(gathered) <= 3
+    # the first token at once, then the other 59 when the answer ended (and a held-back tail)
+    assert len(gathered[0].tokens) == 1 and len(gathered[1].tokens) == 59 and len(gathered) <= 3
     assert long_stats.new_tokens == each_stats.new_tokens == 60 and long_stats.finish_reason == "length"
     assert 0 < long_stats.ttft_s <= first_at  # when the loop chose the token, not when the reader woke
     with pytest.raises(GenerationInputError, match="wake_interval_s"):
@@ -61,17 +77,19 @@ def test_a_reader_behind_collects_the_rest_without_waiting(runner, page_image, m
     monkeypatch.setattr(runner_module, "MAX_TOKENS_PER_PIECE", 4)
     ids = plain_token_ids(runner, 30)
     release = threading.Event()
+    held = _held_after_first_token(ids, 1)
 
     def next_token(step):
         if step == 12:  # the prefill chose token 1 (step 0): 12 tokens, then the loop waits here
             release.wait(30)
-        return ids[step % len(ids)]
+        return held(step)
 
     with ForcedTokens(runner.model, next_token):
         pieces = runner.stream_pieces(page_image, "prompt_ocr", temperature=0, max_new_tokens=20,
                                       wake_interval_s=2.0)
         try:
             assert len(next(pieces).tokens) == 1  # the first token at once
+            held.first_read.set()
             time.sleep(2.5)  # past the interval; 11 more tokens wait
             started = time.perf_counter()
             sizes = [len(next(pieces).tokens) for _ in range(3)]

@@ -178,12 +178,24 @@ def test_stream_interval_gathers_tokens_into_fewer_lines(runner, page_path):
     body = {"image": str(page_path), "stream": True, "temperature": 0, "max_new_tokens": 40,
             "prompt_type": "prompt_ocr"}
     ids = plain_token_ids(runner, 40)
+    first_read = threading.Event()
+
+    def next_token(step):
+        # steps 0-39: the first request; the second's decoding waits after its first token until
+        # that token's line has been read, so that the line surely carries it alone
+        if step == 41 and not first_read.wait(20):
+            raise RuntimeError("the first line was never read")
+        return ids[step % len(ids)]
+
     texts = {}
-    with ForcedTokens(runner.model, lambda step: ids[step % len(ids)]):
+    with ForcedTokens(runner.model, next_token):
         for interval in (0, 30_000):
+            first_read.clear()
             app = create_app({"image_root": None, "stream_interval_ms": interval}, runner=runner)
-            lines = [json.loads(line) for line in
-                     app.test_client().post("/ocr", json=body).get_data(as_text=True).splitlines()]
+            chunks = iter(app.test_client().post("/ocr", json=body, buffered=False).response)
+            raw = next(chunks)
+            first_read.set()
+            lines = [json.loads(line) for line in (raw + b"".join(chunks)).decode().splitlines()]
             assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 40
             texts[interval] = [line["response"] for line in lines[:-1]]
     assert "".join(texts[30_000]) == "".join(texts[0])
