@@ -13,6 +13,7 @@ BUSY_MESSAGE = "Server is busy processing another request"
 NOT_LOADED_MESSAGE = "Model not loaded"
 NO_IMAGE_MESSAGE = "No image data provided"
 SHUTDOWN_MESSAGE = "server shutting down"
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first" (only logged)
 
 
 class RequestError(Exception):

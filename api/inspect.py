@@ -40,8 +40,8 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import MODEL_NAME, SHUTDOWN_MESSAGE, RequestError
-from .http import any_of, check_api_key, client_gone_probe, json_body
+from .errors import CLIENT_CLOSED, MODEL_NAME, SHUTDOWN_MESSAGE, RequestError
+from .http import check_api_key, json_body
 from .schemas import OCRRequest, _validation_message, validate_request
 from .state import ServerState
 
@@ -113,13 +113,12 @@ def _rounded(values) -> Any:
 def inspect():
     state = _state()
     config = state.config
-    if state.shutting_down.is_set():
-        raise RequestError(SHUTDOWN_MESSAGE, 503)
+    state.refuse_when_shutting_down()
     check_api_key(config)
     req, options, temperature_sent = validate_inspect(json_body(), config)
     release = state.take_slot()
     try:
-        should_stop = any_of(client_gone_probe(request.environ), state.stop_generation.is_set)
+        should_stop = state.generation_should_stop(request.environ)
         return jsonify(_run(state, req, options, temperature_sent, should_stop))
     finally:
         release()
@@ -127,9 +126,6 @@ def inspect():
 
 def _count_tokens(runner, text: str) -> int:
     return len(runner.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first" (only logged)
 
 
 def _run(state: ServerState, req: OCRRequest, options: InspectOptions, temperature_sent: bool,

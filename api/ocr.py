@@ -17,7 +17,7 @@ from image_utils import clip_for_message
 from model_runner.prompts import PROMPT_TYPES
 
 from .errors import BUSY_MESSAGE, MODEL_NAME, SHUTDOWN_MESSAGE, RequestError
-from .http import any_of, check_api_key, client_gone_probe, json_body, ndjson, now_iso
+from .http import check_api_key, json_body, ndjson, now_iso
 from .metrics import job_observer
 from .request_log import current_request_id
 from .schemas import OCRRequest, validate_request
@@ -61,13 +61,12 @@ def health():
 def ocr():
     state = current_state()
     config = state.config
-    if state.shutting_down.is_set():
-        raise RequestError(SHUTDOWN_MESSAGE, 503)
+    state.refuse_when_shutting_down()
     check_api_key(config)
     req = validate_request(json_body(), config.max_new_tokens_limit, config.max_prompt_chars)
     release = state.take_slot()
     try:
-        should_stop = any_of(client_gone_probe(request.environ), state.stop_generation.is_set)
+        should_stop = state.generation_should_stop(request.environ)
         job = _start_job(state.runner, state.policy, req, should_stop, state.wake_interval_s(bool(req.stream)))
         job.halted = state.stop_generation.is_set
     except BaseException:

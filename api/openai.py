@@ -31,8 +31,8 @@ from werkzeug.exceptions import HTTPException
 from image_utils import clip_for_message
 from model_runner.processing import IMAGE_END, IMAGE_PAD, IMAGE_PLACEHOLDER, IMAGE_START
 
-from .errors import MODEL_NAME, NOT_LOADED_MESSAGE, SHUTDOWN_MESSAGE, RequestError
-from .http import any_of, check_api_key, client_gone_probe, json_body, once
+from .errors import CLIENT_CLOSED, MODEL_NAME, NOT_LOADED_MESSAGE, SHUTDOWN_MESSAGE, RequestError
+from .http import any_of, check_api_key, json_body, once
 from .openai_schemas import (AssistantReply, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                              ChoiceLogprobs, ChunkChoice, Delta, ErrorDetail, ErrorResponse, ImagePart, ModelCard,
                              ModelList, RequestValidationFailed, TextPart, TokenLogprob, TopLogprob, Usage,
@@ -152,8 +152,7 @@ def retrieve_model(model: str):
 def chat_completions():
     state = current_state()
     config = state.config
-    if state.shutting_down.is_set():
-        raise OpenAIError(SHUTDOWN_MESSAGE, 503)
+    state.refuse_when_shutting_down()
     check_api_key(config)
     try:
         req = parse_chat_request(json_body())
@@ -163,14 +162,13 @@ def chat_completions():
     if not state.model_loaded:
         raise OpenAIError(NOT_LOADED_MESSAGE, 500)
     # a shutdown stops the queue's waiting and the running generations, as for /ocr
-    should_stop = any_of(client_gone_probe(request.environ), state.stop_generation.is_set)
+    should_stop = state.generation_should_stop(request.environ)
     release = _take_slot(state, any_of(should_stop, state.shutting_down.is_set))
     if release is None:
-        if state.shutting_down.is_set():
-            raise OpenAIError(SHUTDOWN_MESSAGE, 503)
+        state.refuse_when_shutting_down()
         # the client hung up while queued: nobody reads an answer
         log.info("a queued /v1/chat/completions request left the queue: its client disconnected")
-        return Response(status=499)
+        return Response(status=CLIENT_CLOSED)
     try:
         run = _start(state, req, turns, image_url, should_stop)
     except BaseException:

@@ -13,8 +13,8 @@ from typing import Callable
 from image_utils import ImagePolicy
 
 from .config import ServerConfig
-from .errors import BUSY_MESSAGE, NOT_LOADED_MESSAGE, RequestError
-from .http import once
+from .errors import BUSY_MESSAGE, NOT_LOADED_MESSAGE, SHUTDOWN_MESSAGE, RequestError
+from .http import any_of, client_gone_probe, once
 
 log = logging.getLogger("dots_ocr_server")
 
@@ -125,6 +125,16 @@ class ServerState:
     @property
     def model_loaded(self) -> bool:
         return self.runner is not None and self.runner.loaded
+
+    def refuse_when_shutting_down(self) -> None:
+        """503 ``server shutting down`` for a new request once a shutdown has begun (/v1's error
+        handler gives it OpenAI's shape)."""
+        if self.shutting_down.is_set():
+            raise RequestError(SHUTDOWN_MESSAGE, 503)
+
+    def generation_should_stop(self, environ) -> Callable[[], bool]:
+        """A request's ``should_stop``: its client hung up, or the shutdown's grace time is over."""
+        return any_of(client_gone_probe(environ), self.stop_generation.is_set)
 
     def wake_interval_s(self, stream: bool) -> float:
         """How often the request's thread collects decoded tokens (``stream_pieces``'
