@@ -1,6 +1,7 @@
 """Start ``python server.py`` as a real process on a free port, for end-to-end tests; the one
-wait-until-loaded helper every test uses (over HTTP or through a Flask test client); and the
-local origins tests fetch images from (a thread serving a handler or a folder on loopback)."""
+wait-until-loaded helper every test uses (over HTTP or through a Flask test client), and the one
+poll-until-true helper; and the local origins tests fetch images from (a thread serving a handler
+or a folder on loopback)."""
 from __future__ import annotations
 
 import contextlib
@@ -27,6 +28,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 30.0, *, what: str = "the condition",
+             interval_s: float = 0.01) -> None:
+    """Poll ``condition()`` every ``interval_s`` until it is true; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout_s} s"
+        time.sleep(interval_s)
 
 
 def wait_until_loaded(health: Callable[[], dict[str, Any]], deadline_s: float = 120,

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from model_runner.batching import WORKER_NAME, BatchEngine, BatchFullError, DynamicBatch, EngineRequest
 from model_runner.decoding import DecodingOptions, TokenChooser
 from model_runner.runner import GenerationStats, ModelRunner
+from serverproc import wait_for
 
 # Pages of different sizes (so different prompt lengths: 105, 37, 94, 21 and 65 tokens) and
 # answer budgets, so that rows join and leave at different steps. On the tiny checkpoint (seed 0)
@@ -349,13 +350,6 @@ def runner4(runner):
     return ModelRunner.from_model(runner.model, runner.processor, max_batch_size=4)
 
 
-def _wait_until(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the generations to start"
-        time.sleep(0.005)
-
-
 def _gate(opened: threading.Event, at_call: int):
     """A should_stop that holds the decoding loop at its ``at_call``-th check until ``opened``:
     the long request cannot run ahead before the others have started."""
@@ -385,10 +379,10 @@ def test_runner_threads_started_at_different_times_get_their_solo_answers(runner
     first.start()
     others = []
     for name in ("small", "wide", "tiny"):
-        _wait_until(lambda: runner4.running >= 1 + len(others))  # the previous one has its slot
+        wait_for(lambda: runner4.running >= 1 + len(others))  # the previous one has its slot
         others.append(threading.Thread(target=ask, args=(name,)))
         others[-1].start()
-    _wait_until(lambda: runner4.running == 4)
+    wait_for(lambda: runner4.running == 4)
     opened.set()
     for thread in (first, *others):
         thread.join(60)
@@ -439,10 +433,10 @@ def test_runner_isolation_closed_stream_gone_client_and_failing_prefill(runner4,
 
     threads = [threading.Thread(target=fn) for fn in (keep, closes_early, goes_away, fails)]
     threads[0].start()
-    _wait_until(lambda: runner4.running >= 1)
+    wait_for(lambda: runner4.running >= 1)
     for thread in threads[1:]:
         thread.start()
-    _wait_until(lambda: runner4.running == 4 or not all(t.is_alive() for t in threads[1:]))
+    wait_for(lambda: runner4.running == 4 or not all(t.is_alive() for t in threads[1:]))
     opened.set()  # the long one goes on once the others have started
     for thread in threads:
         thread.join(60)
@@ -494,7 +488,7 @@ def test_release_waits_for_a_loop_that_already_went_idle(runner, prepared):
     request = _request(runner, prepared["tiny"], 3)
     _start(engine, request)
     engine.wait(request, 0.2)
-    _wait_until(lambda: engine._worker is None)  # the loop has said it is idle; its thread lingers
+    wait_for(lambda: engine._worker is None)  # the loop has said it is idle; its thread lingers
     engine.release()
     assert not run_loop.thread.is_alive()
     assert not _generation_threads()

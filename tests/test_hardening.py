@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from serverproc import local_origin, running_server_process, start_server, wait_until_loaded
+from serverproc import local_origin, running_server_process, start_server, wait_for, wait_until_loaded
 
 SLOW_CONNECTIONS = 100
 
@@ -218,11 +218,8 @@ LONG = {"image": PAGE, "image_format": "base64", "temperature": 0, "max_new_toke
         "prompt_type": "prompt_layout_only_en"}  # the tiny model never emits eos for this prompt
 
 
-def _wait_running(state, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while state.lock.running == 0:
-        assert time.monotonic() < deadline, "the request never started generating"
-        time.sleep(0.01)
+def _wait_running(state) -> None:
+    wait_for(lambda: state.lock.running > 0, what="a request generating")
 
 
 @pytest.fixture()
@@ -239,16 +236,22 @@ def _shut_down(state) -> None:
     state.stop_generation.set()
 
 
-def test_shutdown_answers_a_running_plain_request_503(app_no_repetition_guard):
-    app = app_no_repetition_guard
+def _answer_when_shut_down_while_running(app, route: str, body: dict):
+    """POST ``body`` to ``route`` on a thread, start a shutdown once it generates; its answer."""
     state = app.extensions["dots_ocr"]
     result = {}
-    worker = threading.Thread(target=lambda: result.update(r=app.test_client().post("/ocr", json=LONG)))
+    worker = threading.Thread(target=lambda: result.update(r=app.test_client().post(route, json=body)))
     worker.start()
     _wait_running(state)
     _shut_down(state)
     worker.join(30)
-    response = result["r"]
+    return result["r"]
+
+
+def test_shutdown_answers_a_running_plain_request_503(app_no_repetition_guard):
+    app = app_no_repetition_guard
+    state = app.extensions["dots_ocr"]
+    response = _answer_when_shut_down_while_running(app, "/ocr", LONG)
     assert response.status_code == 503 and response.get_json()["error"] == "server shutting down"
     assert state.lock.running == 0
     again = app.test_client().post("/ocr", json=LONG)  # new requests during the shutdown
@@ -279,10 +282,7 @@ def test_shutdown_stops_openai_requests_running_queued_and_new(app_no_repetition
     _wait_running(state)
     queued = threading.Thread(target=call)
     queued.start()
-    deadline = time.monotonic() + 30
-    while state.lock.queued == 0:
-        assert time.monotonic() < deadline, "the second request never queued"
-        time.sleep(0.01)
+    wait_for(lambda: state.lock.queued > 0, what="the second request queued")
     _shut_down(state)
     running.join(30)
     queued.join(30)
@@ -298,17 +298,10 @@ def test_shutdown_stops_an_inspect_generation_and_refuses_new_ones(app_no_repeti
     (503, slot released), and a new /inspect gets 503 before any work."""
     app = app_no_repetition_guard
     state = app.extensions["dots_ocr"]
-    body = {key: LONG[key] for key in ("image", "image_format", "temperature", "max_new_tokens", "prompt_type")}
-    result = {}
-    worker = threading.Thread(target=lambda: result.update(r=app.test_client().post("/inspect", json=body)))
-    worker.start()
-    _wait_running(state)
-    _shut_down(state)
-    worker.join(30)
-    response = result["r"]
+    response = _answer_when_shut_down_while_running(app, "/inspect", LONG)  # no "text": generate one
     assert response.status_code == 503 and response.get_json()["error"] == "server shutting down"
     assert state.lock.running == 0
-    again = app.test_client().post("/inspect", json={**body, "text": "Hello"})
+    again = app.test_client().post("/inspect", json={**LONG, "text": "Hello"})
     assert again.status_code == 503 and again.get_json()["error"] == "server shutting down"
 
 

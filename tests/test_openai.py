@@ -9,13 +9,12 @@ import io
 import json
 import socket
 import threading
-import time
 
 import pytest
 import requests
 from PIL import Image
 
-from serverproc import local_origin, page_png, quiet_folder_handler, running_server
+from serverproc import local_origin, page_png, quiet_folder_handler, running_server, wait_for
 
 PLACEHOLDER = "<|img|><|imgpad|><|endofimg|>"
 OCR_PROMPT = "Extract the text content from this image."  # prompt_ocr's text
@@ -296,13 +295,6 @@ def test_openapi_document_describes_every_route(client):
 # ---------------------------------------------------------------------------------------------
 
 
-def _wait_for(predicate, deadline_s: float = 30.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
 def test_slot_pool_queue_is_fifo_and_bounded():
     from api.state import QueueFull, SlotPool
 
@@ -318,13 +310,13 @@ def test_slot_pool_queue_is_fifo_and_bounded():
     for name in ("first", "second"):
         threads.append(threading.Thread(target=waiter, args=(name,)))
         threads[-1].start()
-        _wait_for(lambda n=len(threads): pool.queued == n)
+        wait_for(lambda n=len(threads): pool.queued == n)
     with pytest.raises(QueueFull):
         pool.acquire_queued(2)
     assert not pool.acquire()  # the non-queued API never jumps the line
     for k in range(2):
         pool.release()
-        _wait_for(lambda k=k: len(order) == k + 1)
+        wait_for(lambda k=k: len(order) == k + 1)
     for thread in threads:
         thread.join(5)
     assert order == ["first", "second"] and pool.queued == 0 and pool.running == 1
@@ -341,7 +333,7 @@ def test_slot_pool_waiter_that_gives_up_leaves_the_line():
     result = []
     thread = threading.Thread(target=lambda: result.append(pool.acquire_queued(4, gone.is_set, poll_s=0.01)))
     thread.start()
-    _wait_for(lambda: pool.queued == 1)
+    wait_for(lambda: pool.queued == 1)
     gone.set()
     thread.join(5)
     assert result == [False] and pool.queued == 0 and pool.running == 1
@@ -357,7 +349,7 @@ def test_v1_waits_in_the_queue_while_ocr_gets_429(runner):
     results = []
     thread = threading.Thread(target=lambda: results.append(chat(app.test_client())))
     thread.start()
-    _wait_for(lambda: client.get("/health").get_json()["queued"] == 1)
+    wait_for(lambda: client.get("/health").get_json()["queued"] == 1)
     over = chat(client)
     assert assert_openai_error(over, 429)["type"] == "rate_limit_error"
     assert over.headers["Retry-After"] == "1"
@@ -458,7 +450,7 @@ def test_sdk_calls_queue_behind_a_busy_server(sdk, server):
         futures = [pool.submit(sdk.chat.completions.create, model="m", messages=upstream_messages(),
                                max_completion_tokens=1, temperature=0) for _ in range(64)]
         try:
-            _wait_for(lambda: _health(server)["queued"] == 64, 120)
+            wait_for(lambda: _health(server)["queued"] == 64, 120)
             with pytest.raises(openai.RateLimitError) as info:
                 sdk.chat.completions.create(model="m", messages=upstream_messages(), max_tokens=1)
             assert info.value.response.headers["Retry-After"] == "1"
@@ -470,7 +462,7 @@ def test_sdk_calls_queue_behind_a_busy_server(sdk, server):
             for response in held:
                 response.close()
         assert all(f.result(timeout=300).usage.completion_tokens == 1 for f in futures)
-    _wait_for(lambda: _health(server)["running"] == 0 and _health(server)["queued"] == 0)
+    wait_for(lambda: _health(server)["running"] == 0 and _health(server)["queued"] == 0)
 
 
 def _raw_request(server, body: dict) -> socket.socket:
@@ -491,23 +483,23 @@ def test_raw_sse_and_disconnect_frees_the_slot(server):
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
     assert b'"role": "assistant"' in body
-    _wait_for(lambda: _health(server)["running"] == 1)
+    wait_for(lambda: _health(server)["running"] == 1)
     sock.close()  # hang up mid-stream
-    _wait_for(lambda: _health(server)["running"] == 0, 60)
+    wait_for(lambda: _health(server)["running"] == 0, 60)
 
 
 def test_queued_client_hang_up_leaves_the_queue(server):
     held = [_hold_slot(server), _hold_slot(server)]
     try:
         sock = _raw_request(server, {"model": "m", "messages": upstream_messages(), "max_tokens": 2})
-        _wait_for(lambda: _health(server)["queued"] == 1, 60)
+        wait_for(lambda: _health(server)["queued"] == 1, 60)
         sock.close()
-        _wait_for(lambda: _health(server)["queued"] == 0, 10)
+        wait_for(lambda: _health(server)["queued"] == 0, 10)
         assert _health(server)["running"] == 2
     finally:
         for response in held:
             response.close()
-    _wait_for(lambda: _health(server)["running"] == 0, 60)
+    wait_for(lambda: _health(server)["running"] == 0, 60)
 
 
 def test_schemathesis_never_gets_a_5xx(runner):

@@ -8,13 +8,13 @@ needs, with no sleeps."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from model_runner.batching import WORKER_NAME
 from model_runner.runner import ModelRunner
 from server import BUSY_MESSAGE, create_app
+from serverproc import wait_for
 
 
 @pytest.fixture()
@@ -71,13 +71,6 @@ def _in_background(app, body, results):
     return thread
 
 
-def _wait_until(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the requests to start"
-        time.sleep(0.005)
-
-
 def _generation_threads():
     return [t for t in threading.enumerate() if t.name == WORKER_NAME and t.is_alive()]
 
@@ -90,7 +83,7 @@ def test_n_plus_one_gets_429_with_retry_after(runner2, page_path):
     results = []
     with Held(runner2.model) as held:
         threads = [_in_background(app, _body(page_path), results) for _ in range(2)]
-        _wait_until(lambda: runner2.running == 2)  # both are inside the runner, held
+        wait_for(lambda: runner2.running == 2)  # both are inside the runner, held
         health = client.get("/health").get_json()
         assert health["max_batch_size"] == 2 and health["running"] == 2
         third = client.post("/ocr", json=_body(page_path))
@@ -114,7 +107,7 @@ def test_default_one_slot_is_api_md_busy(runner, page_path):
     results = []
     with Held(runner.model) as held:
         thread = _in_background(app, _body(page_path), results)
-        _wait_until(lambda: runner.running == 1)
+        wait_for(lambda: runner.running == 1)
         health = client.get("/health").get_json()
         assert health["max_batch_size"] == 1 and health["running"] == 1
         second = client.post("/ocr", json=_body(page_path))
@@ -137,7 +130,7 @@ def test_closed_stream_leaves_the_batched_neighbour_intact(runner2, page_path):
     solo = client.post("/ocr", json=body).get_json()["response"]
     results = []
     neighbour = _in_background(app, body, results)
-    _wait_until(lambda: runner2.running == 1)
+    wait_for(lambda: runner2.running == 1)
     streamed = client.post("/ocr", json=_body(page_path, max_new_tokens=2000, stream=True), buffered=False)
     lines = streamed.response
     first_lines = [next(lines), next(lines)]
@@ -145,7 +138,7 @@ def test_closed_stream_leaves_the_batched_neighbour_intact(runner2, page_path):
     neighbour.join(60)
     assert all(line.startswith(b"{") for line in first_lines)
     assert results == [(200, results[0][1])] and results[0][1]["response"] == solo
-    _wait_until(lambda: runner2.running == 0)
+    wait_for(lambda: runner2.running == 0)
     assert client.get("/health").get_json()["running"] == 0 and not _state(app).lock.locked()
     assert not _generation_threads()
 
@@ -158,7 +151,7 @@ def test_runner_with_fewer_slots_than_the_server_answers_429(runner, page_path):
     results = []
     with Held(runner.model) as held:
         thread = _in_background(app, _body(page_path), results)
-        _wait_until(lambda: runner.running == 1)
+        wait_for(lambda: runner.running == 1)
         second = client.post("/ocr", json=_body(page_path))
         assert second.status_code == 429 and second.get_json()["error"] == BUSY_MESSAGE
         assert second.headers["Retry-After"] == "1"

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from serverproc import ROOT, running_server
+from serverproc import ROOT, running_server, wait_for
 
 KEY = "browser-test-key"
 ARTIFACTS = Path(os.environ.get("DOTS_OCR_UI_ARTIFACTS", ROOT / "test-artifacts" / "ui"))
@@ -87,10 +86,8 @@ def page(browser, server, request):
 
 
 def _wait_idle(server: str) -> None:
-    deadline = time.monotonic() + 60
-    while requests.get(server + "/health", timeout=5).json()["running"]:
-        assert time.monotonic() < deadline, "the server still holds a generation slot"
-        time.sleep(0.2)
+    wait_for(lambda: not requests.get(server + "/health", timeout=5).json()["running"], 60,
+             what="every generation slot free", interval_s=0.2)
 
 
 def _open(page, name: str) -> None:
