@@ -40,8 +40,8 @@ FINISH_REASONS = ("eos", "length", "repetition", "cancelled", "error")
 MAX_TOKENS_PER_PIECE = 64
 # How often a caller that reads the whole answer anyway (``generate()``, a plain HTTP answer) is
 # woken to collect the tokens decoded meanwhile; the end of the answer wakes it at once. Waking a
-# thread for every token costs more than the tiny model's decode step: on 2 CPU cores, in-process,
-# batch 4 went from 3,052 to 3,807 tok/s and batch 1 from 1,549 to 1,849 (tiny checkpoint).
+# thread for every token costs more than the tiny model's decode step (scripts/bench_throughput.py,
+# plain requests, 2 CPU cores: batch 4 went from 2,354 to 3,498 tok/s; docs/BENCHMARKS.md).
 BATCHED_WAKE_INTERVAL_S = 0.1
 
 __all__ = ["ModelRunner", "GenerationStats", "GenerationResult", "GenerationInputError", "BatchFullError",
