@@ -14,11 +14,11 @@ from pathlib import Path
 
 from flask import Flask
 
-from api.config import ServerConfig, parse_args
-from api.errors import (BUSY_MESSAGE, MODEL_NAME, NO_IMAGE_MESSAGE, NOT_LOADED_MESSAGE, RequestError,
+from dots_ocr_server.api.config import ServerConfig, parse_args
+from dots_ocr_server.api.errors import (BUSY_MESSAGE, MODEL_NAME, NO_IMAGE_MESSAGE, NOT_LOADED_MESSAGE, RequestError,
                         register_error_handlers)
-from api.schemas import OCRRequest, validate_request
-from api.state import DEMO_NOTICE, ServerState, SlotPool, demo_checkpoint_dir
+from dots_ocr_server.api.schemas import OCRRequest, validate_request
+from dots_ocr_server.api.state import DEMO_NOTICE, ServerState, SlotPool, demo_checkpoint_dir
 
 __all__ = ["create_app", "main", "serve", "ServerConfig", "parse_args", "RequestError", "OCRRequest",
            "validate_request", "SlotPool", "BUSY_MESSAGE", "MODEL_NAME", "NO_IMAGE_MESSAGE", "NOT_LOADED_MESSAGE"]
@@ -53,12 +53,12 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
         state.start_loading()
 
     register_error_handlers(app)
-    from api import metrics, request_log
-    from api.inspect import bp as inspect_routes
-    from api.ocr import bp as ocr_routes
-    from api.openai import bp as openai_routes
-    from api.openapi import bp as openapi_routes
-    from api.ui import bp as ui_routes
+    from dots_ocr_server.api import metrics, request_log
+    from dots_ocr_server.api.inspect import bp as inspect_routes
+    from dots_ocr_server.api.ocr import bp as ocr_routes
+    from dots_ocr_server.api.openai import bp as openai_routes
+    from dots_ocr_server.api.openapi import bp as openapi_routes
+    from dots_ocr_server.api.ui import bp as ui_routes
 
     request_log.install(app)
     app.register_blueprint(ocr_routes)
@@ -74,7 +74,7 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
 def _check_gpu(state: ServerState) -> None:
     """A GPU that torch cannot use (driver too old for torch's CUDA build): say so loudly, in
     the log and in /health (api/gpu_check.py)."""
-    from api.gpu_check import gpu_warning
+    from dots_ocr_server.api.gpu_check import gpu_warning
 
     state.gpu_warning = gpu_warning()
     if state.gpu_warning:
@@ -93,7 +93,7 @@ Fix it one of these ways:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    from api.request_log import configure_logging
+    from dots_ocr_server.api.request_log import configure_logging
 
     configure_logging(config.log_format)
     if not config.demo and not (Path(config.model_path) / "config.json").is_file():
@@ -121,7 +121,7 @@ def serve(config: ServerConfig, runner=None) -> None:
     """Serve with waitress (api/serving.py): one process (the model lives there), an event loop
     that reads every connection, and ``threads`` request threads that only see complete requests;
     SIGTERM drains gracefully. ``runner``: as in ``create_app`` (benchmarks pass their own)."""
-    from api.serving import GracefulShutdown, build_server, run
+    from dots_ocr_server.api.serving import GracefulShutdown, build_server, run
 
     apply_process_settings(config)
     app = create_app(config, runner=runner)

@@ -86,8 +86,8 @@ class TimedEngine:
 
 
 def run_config(folder: Path, out: Path, actors: int, cpus: int, args) -> dict:
-    from batch_job import cli
-    from batch_job.pipeline import RayEngine
+    from dots_ocr_server.batch import cli
+    from dots_ocr_server.batch.pipeline import RayEngine
 
     engine = TimedEngine(RayEngine())
     argv = [str(folder), "--out", str(out), "--actors", str(actors), "--cpus-per-actor", str(cpus),
@@ -120,7 +120,7 @@ def main() -> int:
 
     import ray
 
-    from batch_job.pipeline import local_runtime_env
+    from dots_ocr_server.batch.pipeline import local_runtime_env
 
     info = machine()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=local_runtime_env(),

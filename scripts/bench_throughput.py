@@ -141,7 +141,7 @@ def serve(argv: list[str]) -> int:
     add_memory_routes(app)
     # server.py's own HTTP server (waitress, no fork: a CUDA model built before a fork would be
     # unusable in the child), on this app with its benchmark-only memory routes
-    from api.serving import GracefulShutdown, build_server, run
+    from dots_ocr_server.api.serving import GracefulShutdown, build_server, run
 
     socket_map: dict = {}
     http = build_server(app, config, socket_map)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     from PIL import Image
 
-    from layout import draw_layout
+    from dots_ocr_server.layout import draw_layout
 
     cells = json.loads((ROOT / "docs/figures/demo_image1.layout.json").read_text())
     page = Image.open(ROOT / "samples/demo_image1.jpg")

@@ -123,6 +123,15 @@ def running_server_process(model_path: Path | None, *args: str, log_dir: Path, d
         server.stop()
 
 
+def process_figures(pid: int) -> dict[str, int]:
+    """The thread count and resident memory of process ``pid`` (Linux ``/proc/PID/status``)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = value.strip()
+    return {"threads": int(fields["Threads"]), "rss_bytes": int(fields["VmRSS"].split()[0]) * 1024}
+
+
 def page_png() -> bytes:
     """A small synthetic page (224 x 308, dark text-like bars) as PNG bytes."""
     from PIL import Image, ImageDraw

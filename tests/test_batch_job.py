@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch_job import cli
-from batch_job.actor import JobSettings, PageOcr
-from batch_job.inputs import expand_inputs, load_page, page_key, plan_pages, scan_source
-from batch_job.outputs import ShardWriter, drop_superseded, output_columns, read_written, shard_files
+from dots_ocr_server.batch import cli
+from dots_ocr_server.batch.actor import JobSettings, PageOcr
+from dots_ocr_server.batch.inputs import expand_inputs, load_page, page_key, plan_pages, scan_source
+from dots_ocr_server.batch.outputs import ShardWriter, drop_superseded, output_columns, read_written, shard_files
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 CORRUPT = (SAMPLES / "demo_image2.png").read_bytes()[:4000]  # a PNG header, then truncated pixel data
@@ -229,7 +229,7 @@ def test_actor_turns_bad_pages_into_error_rows(batch_runner, corpus):
 def test_actor_loads_its_runner_with_the_batch_size(tiny_ckpt):
     import torch
 
-    from batch_job.actor import load_runner
+    from dots_ocr_server.batch.actor import load_runner
 
     threads = torch.get_num_threads()
     try:
@@ -264,7 +264,7 @@ def test_no_inputs_and_no_model_exit_2_before_ray(tmp_path, capsys, monkeypatch)
 
 
 def test_missing_ray_is_a_clear_exit_2(tmp_path, capsys, monkeypatch):
-    from batch_job import pipeline
+    from dots_ocr_server.batch import pipeline
 
     def no_ray():
         raise pipeline.RayMissing("dots-ocr-batch needs Ray Data; install it with: " + pipeline.INSTALL_HINT)

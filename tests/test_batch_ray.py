@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from batch_job import cli
-from batch_job.outputs import SUMMARY_NAME
-from batch_job.pipeline import local_runtime_env
+from dots_ocr_server.batch import cli
+from dots_ocr_server.batch.outputs import SUMMARY_NAME
+from dots_ocr_server.batch.pipeline import local_runtime_env
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 FAST = ["--demo", "--device", "cpu", "--dpi", "36", "--max-new-tokens", "6", "--seed", "0"]

@@ -2,8 +2,8 @@
 import json
 import math
 
-from layout import parse_layout
-from layout.confidence import add_confidence, cell_spans, raw_objects, span_confidence
+from dots_ocr_server.layout import parse_layout
+from dots_ocr_server.layout.confidence import add_confidence, cell_spans, raw_objects, span_confidence
 
 
 def _cells(answer):

@@ -202,7 +202,7 @@ def test_http_09_request_gets_json(http_server):
 
 
 def test_client_gone_probe_under_waitress():
-    from api.http import client_gone_probe
+    from dots_ocr_server.api.http import client_gone_probe
 
     flags = {"gone": False}
     probe = client_gone_probe({"waitress.client_disconnected": lambda: flags["gone"]})
@@ -349,7 +349,7 @@ def test_sigterm_mid_stream_sends_the_last_line_and_leaves_no_demo_folder(tmp_pa
 
 
 def test_demo_checkpoint_is_built_once_and_reused(tmp_path, monkeypatch):
-    from api.state import demo_checkpoint_dir, ensure_demo_checkpoint
+    from dots_ocr_server.api.state import demo_checkpoint_dir, ensure_demo_checkpoint
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = demo_checkpoint_dir()
@@ -396,9 +396,9 @@ def test_nesting_inside_strings_is_not_depth(client):
     (json.dumps([[{"a": "\\"}]] * 3).encode(), False),
 ])
 def test_depth_scanner_skips_strings_and_escapes(data, deeper):
-    from api.http import _json_depth_exceeds
+    from dots_ocr_server.api.http import _json_depth_exceeds
 
-    assert _json_depth_exceeds(data, 64) is deeper
+    assert _json_depth_exceeds(data.decode("utf-8"), 64) is deeper
 
 
 @pytest.mark.parametrize("path", ["/tmp/\ud800", "\udc80", "/tmp/a\udfff/b.png"])
@@ -511,7 +511,7 @@ def test_repeated_big_pdfs_leave_memory_flat():
 
 
 def test_driver_version_probes(tmp_path, monkeypatch):
-    from api import gpu_check
+    from dots_ocr_server.api import gpu_check
 
     proc = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
             "GCC version:  gcc version 12.2.0\n")
@@ -532,7 +532,7 @@ def test_driver_version_probes(tmp_path, monkeypatch):
 
 
 def test_mismatch_warning_names_versions_and_fix():
-    from api.gpu_check import mismatch_warning
+    from dots_ocr_server.api.gpu_check import mismatch_warning
 
     warning = mismatch_warning("535.104.05", False, "13.0")
     assert "CUDA 13.0" in warning and "driver >= 580" in warning and "535.104.05" in warning
@@ -548,7 +548,7 @@ def test_mismatch_warning_names_versions_and_fix():
 def test_gpu_mismatch_is_logged_and_in_health(runner, monkeypatch, caplog):
     import torch
 
-    from api import gpu_check
+    from dots_ocr_server.api import gpu_check
     from server import create_app
 
     monkeypatch.setattr(gpu_check, "nvidia_driver_version", lambda: "565.57.01")

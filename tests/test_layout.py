@@ -10,7 +10,7 @@ import string
 import pytest
 from PIL import Image, ImageChops
 
-from layout import (
+from dots_ocr_server.layout import (
     LAYOUT_CATEGORIES,
     ParseResult,
     cells_to_markdown,

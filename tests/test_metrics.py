@@ -6,8 +6,8 @@ import logging
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.config import parse_args
-from api.request_log import JsonFormatter, RequestIdFilter, configure_logging
+from dots_ocr_server.api.config import parse_args
+from dots_ocr_server.api.request_log import JsonFormatter, RequestIdFilter, configure_logging
 from forcing import FailsAtStep
 from server import create_app
 
@@ -200,7 +200,7 @@ def test_json_log_format():
 
 def test_the_decoding_loop_logs_a_request_failure_under_its_request_id(client, page_path, runner):
     """A failure the shared decoding thread logs for one request carries that request's id."""
-    from api.request_log import RequestIdFilter
+    from dots_ocr_server.api.request_log import RequestIdFilter
 
     handler = _Records()
     handler.addFilter(RequestIdFilter())  # as the server's root handler has (configure_logging)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ocr_client import main
+from dots_ocr_server.client import main
 from ocr_client_support import DPI, make_inputs, read_summary
 from serverproc import free_port, running_server
 

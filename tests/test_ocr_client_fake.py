@@ -12,9 +12,9 @@ import shutil
 import pytest
 from PIL import Image, ImageChops
 
-from ocr_client import main
-from ocr_client.http_client import backoff_delay, parse_retry_after
-from ocr_client.inputs import assign_names, collect_inputs
+from dots_ocr_server.client import main
+from dots_ocr_server.client.http_client import backoff_delay, parse_retry_after
+from dots_ocr_server.client.inputs import assign_names, collect_inputs
 from ocr_client_support import BUSY, DPI, PDF, FakeServer, make_inputs, ok_answer, page_image, read_summary
 from serverproc import free_port
 

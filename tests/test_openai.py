@@ -296,7 +296,7 @@ def test_openapi_document_describes_every_route(client):
 
 
 def test_slot_pool_queue_is_fifo_and_bounded():
-    from api.state import QueueFull, SlotPool
+    from dots_ocr_server.api.state import QueueFull, SlotPool
 
     pool = SlotPool(1)
     assert pool.acquire_queued(2)
@@ -325,7 +325,7 @@ def test_slot_pool_queue_is_fifo_and_bounded():
 
 
 def test_slot_pool_waiter_that_gives_up_leaves_the_line():
-    from api.state import SlotPool
+    from dots_ocr_server.api.state import SlotPool
 
     pool = SlotPool(1)
     assert pool.acquire()

@@ -24,7 +24,8 @@ def _conda_pip_requirements():
 
 def test_environment_yml_agrees_with_pyproject():
     project = _pyproject()["project"]
-    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    extras = project["optional-dependencies"]
+    wanted = [Requirement(r) for r in project["dependencies"] + extras["server"] + extras["test"]]
     conda = _conda_pip_requirements()
     assert set(conda) == {r.name for r in wanted}
     for requirement in wanted:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageChops
 
 from image_utils import to_original_coords
-from layout import (
+from dots_ocr_server.layout import (
     SpotsResult,
     draw_spots,
     parse_spots,

@@ -10,7 +10,7 @@ import pytest
 from lxml import etree
 from PIL import Image
 
-from layout import (
+from dots_ocr_server.layout import (
     SvgRenderError,
     SvgResult,
     extract_svg,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-STATIC = Path(__file__).resolve().parents[1] / "api" / "static" / "ui"
+STATIC = Path(__file__).resolve().parents[1] / "dots_ocr_server" / "api" / "static" / "ui"
 ASSETS = {"index.html": "text/html", "app.js": "javascript", "api.js": "javascript", "viewer.js": "javascript",
           "markdown.js": "javascript", "style.css": "text/css"}
 
@@ -104,7 +104,7 @@ def test_render_shows_the_page_as_the_model_reads_it(client, page_image):
 
 
 def test_render_pdf_pages(client):
-    pdf = base64.b64encode((STATIC.parents[2] / "samples" / "demo_pdf1.pdf").read_bytes()).decode()
+    pdf = base64.b64encode((STATIC.parents[3] / "samples" / "demo_pdf1.pdf").read_bytes()).decode()
     second = client.post("/ui/render", json={"image": pdf, "image_format": "base64", "page": 2, "dpi": 50}).json
     assert second["source_kind"] == "pdf" and second["page"] == 2 and second["page_count"] == 2
     assert second["width"] == round(841.92 * 50 / 72)

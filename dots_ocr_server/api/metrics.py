@@ -35,6 +35,9 @@ _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0
 _STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
+# The methods counted by name; any other method a client invents is counted as "other".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
 # Ollama's done_reason names (api/ocr.py) for the runner's finish reasons.
 _FINISHED = {"eos": "stop", "length": "length", "repetition": "repetition", "cancelled": "cancelled"}
 
@@ -114,6 +117,10 @@ class ServerMetrics:
         registry.register(_StateCollector(state))
 
     def count_response(self, route: str, method: str, status: int) -> None:
+        """One response. Every label comes from a fixed set, so no client can grow the scrape: the
+        route is the URL rule that matched (``unmatched`` otherwise), a method outside HTTP's own
+        set is ``other``, and the status is the server's own."""
+        method = method if method in HTTP_METHODS else "other"
         self.http_requests.labels(route=route, method=method, status=str(status)).inc()
         if route == "/ocr" and status == 429:
             self.busy.inc()

@@ -23,7 +23,7 @@ import io
 
 from flask import Blueprint, current_app, jsonify, redirect
 
-from layout import CATEGORY_COLORS, FALLBACK_COLOR
+from dots_ocr_server.layout import CATEGORY_COLORS, FALLBACK_COLOR
 from model_runner.prompts import POSTPROCESS_PROMPT_TYPES, PROMPT_TYPES, default_temperature
 
 from .errors import RequestError

@@ -169,7 +169,7 @@ class _Job:
             extra["page"] = self.document.page
             extra["page_count"] = self.document.page_count
         if self.req.postprocess or self.req.visualize:
-            from layout import postprocess_response, visualize_response
+            from dots_ocr_server.layout import postprocess_response, visualize_response
 
             processed = postprocess_response(
                 text, prompt_type=self.req.prompt_type, model_size=self.stats.model_size,
@@ -189,7 +189,7 @@ class _Job:
         """Each cell with ``confidence`` (layout.confidence); unchanged without token logprobs."""
         if self.tokenizer is None or not tokens or any(t.logprob is None for t in tokens):
             return cells
-        from layout import add_confidence
+        from dots_ocr_server.layout import add_confidence
         from model_runner.trace import token_offsets
 
         answer, _, offsets = token_offsets(self.tokenizer, [t.id for t in tokens])

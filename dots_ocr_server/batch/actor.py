@@ -167,7 +167,7 @@ class PageOcr:
         import json
 
         from image_utils import to_original_coords
-        from layout import postprocess_response
+        from dots_ocr_server.layout import postprocess_response
 
         processed = postprocess_response(text, prompt_type=self.settings.prompt_type, model_size=stats.model_size,
                                          original_size=stats.original_size, image=image, picture_mode="ref",

@@ -85,7 +85,7 @@ def write_page_outputs(directory: Path, result: dict[str, Any], prompt_type: str
     * with ``--logprobs``: logprobs.json (the answer's tokens with their log-probabilities, kept out
       of response.json).
     Files a forced rerun with another prompt type would leave stale are removed."""
-    from layout import draw_layout, draw_spots
+    from dots_ocr_server.layout import draw_layout, draw_spots
 
     directory.mkdir(parents=True, exist_ok=True)
     text = result.get("response") if isinstance(result.get("response"), str) else ""

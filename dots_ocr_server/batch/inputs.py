@@ -86,7 +86,7 @@ def _is_hidden(relative: str) -> bool:
 def _walk(fs, folder: str) -> list[str]:
     """Files with a supported extension under ``folder``, recursively, sorted; hidden files and
     folders (``.git``, ``._x.png``...) left out, as the HTTP client does."""
-    from ocr_client.inputs import INPUT_SUFFIXES
+    from dots_ocr_server.client.inputs import INPUT_SUFFIXES
 
     found = []
     root = folder.rstrip("/")
