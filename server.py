@@ -106,15 +106,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def apply_process_settings(config: ServerConfig) -> None:
-    """What the configuration sets for the whole process (not per app): torch's CPU threads."""
-    if config.torch_threads is not None:
-        import torch
+def batching_torch_threads(cores: int) -> int:
+    """torch's intra-op threads for a CPU server that batches (``--max-batch-size`` > 1) when
+    ``--torch-threads`` is not given: half the cores, so that the request threads (prompt
+    preparation, token-to-text, JSON, HTTP) and the decoding loop keep the other half. On 2 cores,
+    torch's default (one thread per core) made the batching gain erratic run to run (1.13x, 1.24x,
+    2.26x for 4 pages together over one by one) while 1 thread gave 1.9x-2.1x every time
+    (scripts/bench_throughput.py, docs/BENCHMARKS.md)."""
+    return max(1, cores // 2)
 
-        if config.torch_threads < 1:
-            raise ValueError("--torch-threads must be at least 1")
-        torch.set_num_threads(config.torch_threads)
-        log.info("torch uses %d intra-op CPU threads", config.torch_threads)
+
+def apply_process_settings(config: ServerConfig) -> None:
+    """What the configuration sets for the whole process (not per app): torch's CPU threads, as
+    asked (``--torch-threads``), or chosen for batching on a CPU (``batching_torch_threads``)."""
+    import torch
+
+    from dots_ocr_server.eval.machine import usable_cores
+
+    threads, why = config.torch_threads, "--torch-threads"
+    if threads is not None and threads < 1:
+        raise ValueError("--torch-threads must be at least 1")
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if threads is None and on_cpu and config.max_batch_size > 1:
+        cores = usable_cores()
+        threads = batching_torch_threads(cores)
+        why = (f"chosen for batching on a CPU: half of the {cores} cores, the rest left to the request threads; "
+               "--torch-threads N sets it")
+    if threads is not None:
+        torch.set_num_threads(threads)
+        log.info("torch uses %d intra-op CPU thread%s (%s)", threads, "" if threads == 1 else "s", why)
 
 
 def serve(config: ServerConfig, runner=None) -> None:

@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from .defaults import DEFAULT_TEMPERATURE
+
 # The order is the one API.md prints in its error message: the four dots.ocr types first, then the
 # four that dots.mocr (dots.ocr 1.5) added.
 PROMPT_TYPES: tuple[str, ...] = (
@@ -121,9 +123,9 @@ def system_text(prompt_type: str) -> str | None:
     return _table()["system"].get(prompt_type)
 
 
-def default_temperature(prompt_type: str, fallback: float) -> float:
+def default_temperature(prompt_type: str, fallback: float = DEFAULT_TEMPERATURE) -> float:
     """The sampling temperature for a request that did not set one: upstream's per-type default
     (0.9 for ``prompt_image_to_svg``: its SVG demo warns that low temperatures loop), else
-    ``fallback`` (the server's usual default)."""
+    ``fallback`` (``model_runner.defaults.DEFAULT_TEMPERATURE``)."""
     _check_type(prompt_type)
     return float(_table()["temperature"].get(prompt_type, fallback))

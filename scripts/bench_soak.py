@@ -3,8 +3,8 @@
 Starts ``server.py`` on the tiny random checkpoint (CPU) and sends ``--requests`` requests from
 ``--clients`` client threads, cycling through four kinds: a plain answer, a stream read to its end,
 a stream abandoned after its first line (the client closes the connection), and a request whose
-client gives up after ``--give-up-s`` (a read timeout on a long answer). Busy answers (429) count
-as answers. The server's thread count and RSS (``/proc/PID/status``) are read before the soak
+client gives up after ``--give-up-s`` (a read timeout on a long answer). A request answered 429
+is sent again after 50 ms (up to 50 times), so that generations run. The server's thread count and RSS (``/proc/PID/status``) are read before the soak
 (after one warm-up request), right after it, and after ``--idle-s`` seconds of idling. Prints a
 table naming the machine, then one JSON line.
 
@@ -35,7 +35,18 @@ from serverproc import page_png, process_figures, running_server_process  # noqa
 KINDS = ("plain", "stream", "abandoned", "gave_up")
 
 
-def one_request(url: str, kind: str, page: str, give_up_s: float) -> str:
+def one_request(url: str, kind: str, page: str, give_up_s: float, busy_retries: int = 50) -> str:
+    """One request of ``kind``, sent again (after a short pause) while the server answers 429, so
+    that the soak exercises generations and not only refusals; the outcome's name."""
+    for _ in range(busy_retries):
+        outcome = _attempt(url, kind, page, give_up_s)
+        if outcome != "429":
+            return outcome
+        time.sleep(0.05)
+    return "429"
+
+
+def _attempt(url: str, kind: str, page: str, give_up_s: float) -> str:
     body = {"image": page, "image_format": "base64", "prompt_type": "prompt_ocr", "temperature": 0,
             "max_new_tokens": 24}
     try:
@@ -43,8 +54,7 @@ def one_request(url: str, kind: str, page: str, give_up_s: float) -> str:
             return str(requests.post(url + "/ocr", json=body, timeout=60).status_code)
         if kind == "gave_up":
             body["max_new_tokens"] = 4000
-            requests.post(url + "/ocr", json=body, timeout=give_up_s)
-            return "answered"
+            return str(requests.post(url + "/ocr", json=body, timeout=give_up_s).status_code)
         body["stream"] = True
         if kind == "abandoned":
             body["max_new_tokens"] = 4000
@@ -59,6 +69,17 @@ def one_request(url: str, kind: str, page: str, give_up_s: float) -> str:
         return "gave up"
     except requests.RequestException as exc:
         return type(exc).__name__
+
+
+def thread_names(pid: int) -> Counter:
+    """The process's threads counted by name (``/proc/PID/task/*/comm``)."""
+    names: Counter = Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            names[(task / "comm").read_text().strip()] += 1
+        except OSError:
+            pass
+    return names
 
 
 def soak(url: str, total: int, clients: int, give_up_s: float) -> Counter:
@@ -111,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             after = process_figures(server.proc.pid)
             time.sleep(args.idle_s)
             idle = process_figures(server.proc.pid)
+            names = thread_names(server.proc.pid)
 
     print(f"machine: {machine_line()}")
     print(f"server.py (waitress), tiny random checkpoint on CPU, --max-batch-size {args.max_batch_size}; "
@@ -119,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, figures in (("before (warmed up)", before), ("right after the soak", after),
                           (f"after {args.idle_s:g} s idle", idle)):
         print(f"{name:<22} {figures['threads']:>8} {figures['rss_bytes'] / 2**20:>9.0f}")
+    print("threads after idling, by name: " + ", ".join(f"{k} x{v}" for k, v in names.most_common()))
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
     print(json.dumps({"bench": "soak", "machine": machine_info(), "requests": args.requests,
                       "clients": args.clients, "max_batch_size": args.max_batch_size, "seconds": round(seconds, 2),
-                      "before": before, "after": after, "idle": idle, "outcomes": dict(outcomes)}))
+                      "before": before, "after": after, "idle": idle, "idle_threads": dict(names), "outcomes": dict(outcomes)}))
     return 0
 
 

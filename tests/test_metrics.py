@@ -215,3 +215,21 @@ def test_the_decoding_loop_logs_a_request_failure_under_its_request_id(client, p
         logger.removeHandler(handler)
     failed = [r for r in handler.records if "failed in its prefill" in r.getMessage()]
     assert failed and all(r.request_id == "req-prefill" for r in failed)
+
+
+def test_client_supplied_methods_and_paths_cannot_grow_the_scrape(runner):
+    client = create_app({}, runner=runner).test_client()
+    client.get("/health")
+    baseline = client.get("/metrics").get_data()
+    for index in range(300):  # made-up methods, and paths no route has
+        client.open(f"/made-up/{index}", method=f"M{index}X")
+        client.open("/health", method=f"Q{index}")
+    for _ in range(20):
+        client.open("/ocr", method="A" * 30_000)
+    scrape = client.get("/metrics").get_data()
+    samples = _scrape(client)
+    methods = {dict(labels).get("method") for (name, labels) in samples if name == "dots_ocr:http_requests_total"}
+    assert methods <= {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"}
+    assert _value(samples, "dots_ocr:http_requests_total", route="unmatched", method="other", status="404") == 300
+    assert len(scrape) < len(baseline) + 2000  # a handful of new series, not thousands
+    assert max(len(line) for line in scrape.splitlines()) < 300

@@ -552,3 +552,51 @@ def test_torch_threads_flag_sets_the_process_threads(monkeypatch):
             apply_process_settings(ServerConfig(torch_threads=0))
     finally:
         torch.set_num_threads(before)
+
+
+def test_demo_mode_answers_are_short_unless_a_request_asks(runner):
+    from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS, DEMO_MAX_NEW_TOKENS
+    from model_runner.prompts import prompt_text
+    from serverproc import page_png
+
+    page = base64.b64encode(page_png()).decode()
+    # prompt_layout_only_en on this page: the tiny model never writes eos, so the length is the cap
+    body = {"image": page, "image_format": "base64", "prompt_type": "prompt_layout_only_en", "temperature": 0}
+    assert create_app({}, runner=runner).test_client().get("/health").get_json()["default_max_new_tokens"] \
+        == DEFAULT_MAX_NEW_TOKENS
+    client = create_app({"demo": True}, runner=runner).test_client()
+    assert client.get("/health").get_json()["default_max_new_tokens"] == DEMO_MAX_NEW_TOKENS == 256
+    answer = client.post("/ocr", json=body).get_json()
+    assert (answer["eval_count"], answer["done_reason"]) == (DEMO_MAX_NEW_TOKENS, "length")
+    own = client.post("/ocr", json={**body, "max_new_tokens": 300}).get_json()
+    assert (own["eval_count"], own["done_reason"]) == (300, "length")
+    chat = {"model": "dots-ocr", "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + page}},
+        {"type": "text", "text": "<|img|><|imgpad|><|endofimg|>" + prompt_text("prompt_layout_only_en")}]}]}
+    completion = client.post("/v1/chat/completions", json=chat).get_json()
+    assert completion["usage"]["completion_tokens"] == DEMO_MAX_NEW_TOKENS
+    configured = create_app({"default_max_new_tokens": 40}, runner=runner).test_client()
+    assert configured.post("/ocr", json=body).get_json()["eval_count"] == 40
+
+
+def test_cpu_batching_chooses_torch_threads_and_says_so(monkeypatch, caplog):
+    import torch
+
+    import server
+    from server import apply_process_settings, batching_torch_threads
+
+    assert [batching_torch_threads(n) for n in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    monkeypatch.setattr("dots_ocr_server.eval.machine.usable_cores", lambda: 6)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        apply_process_settings(ServerConfig(device="cpu", max_batch_size=1))  # one at a time: left alone
+        assert torch.get_num_threads() == 2
+        with caplog.at_level("INFO", logger=server.log.name):
+            apply_process_settings(ServerConfig(device="cpu", max_batch_size=4))
+        assert torch.get_num_threads() == 3
+        assert "torch uses 3 intra-op CPU threads (chosen for batching on a CPU: half of the 6 cores" in caplog.text
+        apply_process_settings(ServerConfig(device="cpu", max_batch_size=4, torch_threads=2))  # the flag wins
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS, DEMO_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
+
 
 @dataclass
 class ServerConfig:
@@ -22,7 +24,9 @@ class ServerConfig:
     api_key: str | None = None
     max_body_mb: float = 64.0
     max_image_pixels: int = 100_000_000
-    max_new_tokens_limit: int = 24000
+    max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT
+    # the answer length of a request that sets none: None = 12000, or 256 in demo mode
+    default_max_new_tokens: int | None = None
     repetition_window: int = 512
     compile: bool | None = None  # CUDA fast path (static cache + compiled decode): None = on for CUDA
     threads: int = 16
@@ -41,6 +45,24 @@ class ServerConfig:
     max_header_kb: int = 64
     graceful_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_new_tokens_default(self) -> int:
+        """``max_new_tokens`` of a request that does not set it: ``--default-max-new-tokens``, else
+        12000 (the interface document's), or ``DEMO_MAX_NEW_TOKENS`` in demo mode; never above the limit."""
+        if self.default_max_new_tokens is not None:
+            chosen = self.default_max_new_tokens
+        else:
+            chosen = DEMO_MAX_NEW_TOKENS if self.demo else DEFAULT_MAX_NEW_TOKENS
+        return min(chosen, self.max_new_tokens_limit)
+
+    @property
+    def open_ended_max_new_tokens(self) -> int:
+        """The answer length of a /v1 request without ``max_tokens``: OpenAI's "as long as it
+        takes" is the limit, unless a default was configured or this is demo mode."""
+        if self.default_max_new_tokens is not None or self.demo:
+            return self.max_new_tokens_default
+        return self.max_new_tokens_limit
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> "ServerConfig":
@@ -68,6 +90,8 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-body-mb", dict(type=float, help="largest request body accepted")),
     ("--max-image-pixels", dict(type=int, help="largest decoded image (width x height)")),
     ("--max-new-tokens-limit", dict(type=int, help="largest max_new_tokens a request may ask for")),
+    ("--default-max-new-tokens", dict(type=int, help="max_new_tokens of a request that sets none "
+                                                     f"(None: {DEFAULT_MAX_NEW_TOKENS}; {DEMO_MAX_NEW_TOKENS} with --demo)")),
     ("--repetition-window", dict(type=int, help="tokens of exact repetition that stop a looping page (0: off)")),
     ("--compile", dict(action=argparse.BooleanOptionalAction,
                        help="CUDA fast path: static KV cache + compiled decode step "

@@ -92,7 +92,9 @@ def validate_inspect(body: Any, config) -> tuple[OCRRequest, InspectOptions, boo
         raise RequestError("Request body must be a JSON object")
     page = {key: value for key, value in body.items() if key in PAGE_FIELDS}
     rest = {key: value for key, value in body.items() if key not in PAGE_FIELDS}
-    req = validate_request(page, config.max_new_tokens_limit, config.max_prompt_chars)
+    if "max_new_tokens" not in page:  # an answer to generate here: shorter than /ocr's by default
+        page["max_new_tokens"] = min(DEFAULT_GENERATED_TOKENS, config.max_new_tokens_default)
+    req = validate_request(page, config)
     try:
         options = InspectOptions.model_validate(rest)
     except ValidationError as exc:
@@ -145,12 +147,11 @@ def _run(state: ServerState, req: OCRRequest, options: InspectOptions, temperatu
     _check_bbox_inside(req, document.image.size)
     if options.text is not None and _count_tokens(runner, options.text) > limit:
         raise RequestError(f"Invalid 'text': longer than {limit} tokens (the server's --max-new-tokens-limit)")
-    max_new_tokens = req.max_new_tokens if "max_new_tokens" in req.model_fields_set else DEFAULT_GENERATED_TOKENS
     try:
         result = runner.trace(
             document.image, req.prompt_type, bbox=req.bbox, question=req.prompt, text=options.text,
             span=options.span, char_span=options.char_span, layers=options.layers, heads=options.heads,
-            average_heads=options.average_heads, average_span=True, max_new_tokens=min(max_new_tokens, limit),
+            average_heads=options.average_heads, average_span=True, max_new_tokens=min(req.max_new_tokens, limit),
             temperature=req.temperature if temperature_sent else 0.0, should_stop=should_stop)
     except GenerationInputError as exc:
         raise RequestError(str(exc), 400) from None

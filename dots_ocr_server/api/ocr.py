@@ -48,6 +48,7 @@ def health():
         body["device"] = str(runner.device)
         body["dtype"] = str(runner.dtype).removeprefix("torch.")
         body["fast_path"] = bool(getattr(runner, "fast_path", False))
+    body["default_max_new_tokens"] = config.max_new_tokens_default
     body["max_batch_size"] = state.lock.size
     body["running"] = state.lock.running
     body["queued"] = state.lock.queued
@@ -63,7 +64,7 @@ def ocr():
     config = state.config
     state.refuse_when_shutting_down()
     check_api_key(config)
-    req = validate_request(json_body(), config.max_new_tokens_limit, config.max_prompt_chars)
+    req = validate_request(json_body(), config)
     release = state.take_slot()
     try:
         should_stop = state.generation_should_stop(request.environ)

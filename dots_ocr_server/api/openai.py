@@ -385,7 +385,7 @@ def _token_logprob(token) -> TokenLogprob:
     return TokenLogprob(token=token.text, logprob=token.logprob, bytes=_token_bytes(token.text), top_logprobs=top)
 
 
-def _sampling(req: ChatCompletionRequest, limit: int) -> dict[str, Any]:
+def _sampling(req: ChatCompletionRequest, limit: int, open_ended: int) -> dict[str, Any]:
     """The runner's decoding arguments for the request's OpenAI parameters (OpenAI's defaults
     for those left out)."""
     asked = req.max_completion_tokens or req.max_tokens
@@ -394,7 +394,7 @@ def _sampling(req: ChatCompletionRequest, limit: int) -> dict[str, Any]:
     if temperature < 1e-4:  # sampling would divide the logits into inf/nan: greedy, as vLLM does
         temperature = 0.0
     return dict(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
-                max_new_tokens=min(asked or limit, limit), seed=seed,
+                max_new_tokens=min(asked or open_ended, limit), seed=seed,
                 logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                 repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                 frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0)
@@ -410,7 +410,8 @@ def _start(state: ServerState, req: ChatCompletionRequest, turns: list[dict[str,
     stats = GenerationStats()
     pieces = state.runner.stream_pieces(image, None, messages=turns, stats=stats, should_stop=should_stop,
                                         wake_interval_s=state.wake_interval_s(bool(req.stream)),
-                                        **_sampling(req, state.config.max_new_tokens_limit))
+                                        **_sampling(req, state.config.max_new_tokens_limit,
+                                                                  state.config.open_ended_max_new_tokens))
     head: list[Any] = []
     try:
         for piece in pieces:

@@ -6,13 +6,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from image_utils import IMAGE_FORMATS, clip_for_message
+from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_temperature
 from model_runner.prompts import (BBOX_PROMPT_TYPES, POSTPROCESS_PROMPT_TYPES, PROMPT_TYPES, QUESTION_PROMPT_TYPES,
                                   default_temperature)
 
 from .errors import NO_IMAGE_MESSAGE, RequestError
-
-DEFAULT_TEMPERATURE = 0.1
-MIN_TEMPERATURE = 1e-4
 
 
 class OCRRequest(BaseModel):
@@ -27,8 +25,9 @@ class OCRRequest(BaseModel):
     # Not sent: the prompt type's default (0.1; 0.9 for prompt_image_to_svg). Below
     # MIN_TEMPERATURE (but not 0) it is refused: sampling would divide the logits into inf/nan.
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    max_new_tokens: int = Field(12000, ge=1)
+    top_p: float = Field(DEFAULT_TOP_P, gt=0, le=1, allow_inf_nan=False)
+    # Not sent: the server's default (12000, or 256 in demo mode; validate_request fills it in)
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
     stream: bool = False
     bbox: list[int | float] | None = None
     # Extensions (issue 5); absent, the request and its response are exactly API.md's.
@@ -45,9 +44,7 @@ class OCRRequest(BaseModel):
     @field_validator("temperature")
     @classmethod
     def _not_vanishing(cls, value: float) -> float:
-        if 0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-        return value
+        return check_temperature(value)
 
     @field_validator("prompt")
     @classmethod
@@ -105,7 +102,7 @@ class OCRRequest(BaseModel):
         """The temperature asked for, or the prompt type's default."""
         if "temperature" in self.model_fields_set:
             return self.temperature
-        return default_temperature(self.prompt_type, DEFAULT_TEMPERATURE)
+        return default_temperature(self.prompt_type)
 
 
 def _validation_message(error: dict[str, Any]) -> str:
@@ -121,8 +118,9 @@ def _validation_message(error: dict[str, Any]) -> str:
     return f"Invalid '{loc}': {msg}" if loc != "body" else msg
 
 
-def validate_request(body: Any, max_new_tokens_limit: int, max_prompt_chars: int = 4000) -> OCRRequest:
-    """Check the JSON body in the order API.md documents its messages."""
+def validate_request(body: Any, config) -> OCRRequest:
+    """Check the JSON body in the order the interface document lists its messages. ``config``:
+    the server's (``max_new_tokens_limit``, ``max_prompt_chars``, ``max_new_tokens_default``)."""
     if not isinstance(body, dict):
         raise RequestError("Request body must be a JSON object")
     image = body.get("image")
@@ -134,9 +132,12 @@ def validate_request(body: Any, max_new_tokens_limit: int, max_prompt_chars: int
     image_format = body.get("image_format", "path")
     if not isinstance(image_format, str) or image_format not in IMAGE_FORMATS:
         raise RequestError(f"Invalid image_format. Must be one of: {list(IMAGE_FORMATS)}")
+    if "max_new_tokens" not in body:
+        body = {**body, "max_new_tokens": config.max_new_tokens_default}
     try:
-        return OCRRequest.model_validate(body, context={"max_new_tokens_limit": max_new_tokens_limit,
-                                                        "max_prompt_chars": max_prompt_chars})
+        req = OCRRequest.model_validate(body, context={"max_new_tokens_limit": config.max_new_tokens_limit,
+                                                       "max_prompt_chars": config.max_prompt_chars})
     except ValidationError as exc:
         raise RequestError(_validation_message(exc.errors()[0])) from None
+    return req
 

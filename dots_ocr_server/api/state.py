@@ -162,6 +162,9 @@ class ServerState:
             if self.config.demo:
                 ensure_demo_checkpoint(Path(self.runner.model_path))
                 log.warning(DEMO_NOTICE)
+                log.warning("demo mode: a request that sets no max_new_tokens generates at most %d tokens "
+                            "(/health: default_max_new_tokens; --default-max-new-tokens changes it)",
+                            self.config.max_new_tokens_default)
             self.runner.load()
         except Exception as exc:  # noqa: BLE001 - reported in /health and the log, the server keeps serving
             self.load_error = f"{type(exc).__name__}: {exc}"

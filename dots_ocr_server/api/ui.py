@@ -28,7 +28,7 @@ from model_runner.prompts import POSTPROCESS_PROMPT_TYPES, PROMPT_TYPES, default
 
 from .errors import RequestError
 from .http import check_api_key, json_body
-from .schemas import DEFAULT_TEMPERATURE, validate_request
+from .schemas import validate_request
 from .state import ServerState
 
 bp = Blueprint("ui", __name__, static_folder="static/ui", static_url_path="/ui/static")
@@ -77,7 +77,7 @@ def config():
         "max_body_mb": state.config.max_body_mb,
         "prompt_types": list(PROMPT_TYPES),
         "postprocess_prompt_types": list(POSTPROCESS_PROMPT_TYPES),
-        "default_temperatures": {name: default_temperature(name, DEFAULT_TEMPERATURE) for name in PROMPT_TYPES},
+        "default_temperatures": {name: default_temperature(name) for name in PROMPT_TYPES},
         "category_colors": {name: list(rgb) for name, rgb in CATEGORY_COLORS.items()},
         "fallback_color": list(FALLBACK_COLOR),
     })
@@ -98,7 +98,7 @@ def render():
     unknown = sorted(set(body) - set(RENDER_FIELDS))
     if unknown:
         raise RequestError(f"Unknown field '{unknown[0]}'")
-    req = validate_request(body, state.config.max_new_tokens_limit, state.config.max_prompt_chars)
+    req = validate_request(body, state.config)
     try:
         document = load_document(req.image, req.image_format, state.policy, page=req.page, dpi=req.dpi)
     except ImageInputError as exc:

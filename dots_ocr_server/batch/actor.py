@@ -22,15 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS
+
 from .inputs import load_page, read_source
 from .outputs import output_schema, token_confidence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobSettings", "PageOcr", "load_runner", "DEFAULT_TEMPERATURE"]
-
-#: The temperature of a prompt type without its own default (the server's and the runner's).
-DEFAULT_TEMPERATURE = 0.1
+__all__ = ["JobSettings", "PageOcr", "load_runner"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class JobSettings:
     batch_size: int = 4                # pages generated at once per actor (the runner's max_batch_size)
     cpus_per_actor: int = 1            # torch threads of a CPU actor
     dpi: float = 200.0
-    max_new_tokens: int = 12000
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: Optional[float] = None  # None: the prompt type's default (as the server does)
     seed: Optional[int] = None
     question: Optional[str] = None     # prompt_general only
@@ -90,7 +89,7 @@ class PageOcr:
         self.settings = settings
         self.runner = runner if runner is not None else load_runner(settings)
         self.temperature = (settings.temperature if settings.temperature is not None
-                            else default_temperature(settings.prompt_type, DEFAULT_TEMPERATURE))
+                            else default_temperature(settings.prompt_type))
         self.schema = output_schema(settings.postprocess, settings.logprobs)
         workers = max(1, int(self.runner.max_batch_size))
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dots-ocr-page")

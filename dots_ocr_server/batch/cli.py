@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS
 from model_runner.prompts import BBOX_PROMPT_TYPES, PROMPT_TYPES, QUESTION_PROMPT_TYPES
 
 from .actor import JobSettings
@@ -91,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the question, with --prompt-type prompt_general (the /ocr field `prompt`)")
     add("--dpi", metavar="D", type=_ranged(float, 36, 600), default=200.0,
         help="PDF rendering resolution (default 200, lowered only for pages too large for the model)")
-    add("--max-new-tokens", metavar="N", type=_ranged(int, 1, 131072), default=12000,
-        help="most tokens generated per page (default 12000)")
+    add("--max-new-tokens", metavar="N", type=_ranged(int, 1, 131072), default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"most tokens generated per page (default {DEFAULT_MAX_NEW_TOKENS})")
     add("--temperature", metavar="T", type=_ranged(float, 0), default=None,
         help="sampling temperature (default: the prompt type's, as the server)")
     add("--seed", metavar="N", type=_ranged(int, 0, 2**64 - 1), default=None,
