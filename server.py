@@ -1,4 +1,4 @@
-"""dots-ocr-server: the HTTP API of ../shared/spec/API.md on our own dots.ocr runner.
+"""dots-ocr-server: the dots.ocr API document's HTTP interface (and a few more routes) on our own runner.
 
 ``create_app(config=None, runner=None)`` builds the Flask app from the route groups in ``api/``
 (blueprints); ``main()`` parses the command line and serves it with waitress (a production WSGI

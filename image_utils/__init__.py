@@ -6,7 +6,7 @@ Public API (other packages import only these names, from ``image_utils`` itself)
     from image_utils import (ImageInputError, ImagePolicy, LoadedImage, load_document, load_image,
                              smart_resize_dims, resize_for_model, to_model_coords, to_original_coords,
                              clip_for_message, decode_image_bytes, is_pdf_bytes, pdf_page_count,
-                             PDFIUM_LOCK)
+                             PDFIUM_LOCK, give_back_freed_memory)
 """
 from .decode import ALLOWED_FORMATS, decode_image_bytes, is_pdf_bytes
 from .errors import ImageInputError, clip_for_message
@@ -19,7 +19,8 @@ from .geometry import (
     to_model_coords,
     to_original_coords,
 )
-from .loader import IMAGE_FORMATS, LoadedImage, load_document, load_image
+from .loader import IMAGE_FORMATS, LoadedImage, load_bytes_document, load_document, load_image
+from .memory import give_back_freed_memory
 from .pdf import PDFIUM_LOCK, pdf_page_count
 from .policy import ImagePolicy
 
@@ -35,7 +36,9 @@ __all__ = [
     "LoadedImage",
     "clip_for_message",
     "decode_image_bytes",
+    "give_back_freed_memory",
     "is_pdf_bytes",
+    "load_bytes_document",
     "load_document",
     "load_image",
     "pdf_page_count",

@@ -11,7 +11,7 @@ MESSAGE_QUOTE_LIMIT = 200
 def _escaped(ch: str) -> str:
     # Unprintable characters (controls, lone surrogates, separators, format marks) are written as
     # Python escapes: a lone surrogate cannot be encoded as UTF-8, so quoting it raw would make the
-    # message itself fail to encode (issue 15), and raw controls would garble logs.
+    # message itself fail to encode, and raw controls would garble logs.
     return ch if ch.isprintable() else ascii(ch)[1:-1]
 
 

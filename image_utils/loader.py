@@ -13,7 +13,7 @@ from .policy import ImagePolicy
 from .sources import decode_base64, is_data_uri, read_path
 from .url_fetch import fetch_url
 
-__all__ = ["IMAGE_FORMATS", "LoadedImage", "load_bytes", "load_document", "load_image"]
+__all__ = ["IMAGE_FORMATS", "LoadedImage", "load_bytes", "load_bytes_document", "load_document", "load_image"]
 
 #: Allowed values of the request's ``image_format``.
 IMAGE_FORMATS = ("path", "url", "base64")
@@ -87,7 +87,16 @@ def load_document(
     page = _check_page(page)
     if dpi is not None:
         dpi = validate_dpi(dpi)
-    data = load_bytes(value, image_format, policy)
+    return load_bytes_document(load_bytes(value, image_format, policy), policy, page=page, dpi=dpi)
+
+
+def load_bytes_document(data: bytes, policy: Optional[ImagePolicy] = None, *, page: int = 1,
+                        dpi: Optional[float] = None) -> LoadedImage:
+    """Like :func:`load_document`, for bytes already read (a stored upload, a corpus file)."""
+    policy = policy if policy is not None else ImagePolicy()
+    page = _check_page(page)
+    if dpi is not None:
+        dpi = validate_dpi(dpi)
     if is_pdf_bytes(data):
         image, page_count, used_dpi = render_pdf_page(data, policy, page=page, dpi=dpi)
         return LoadedImage(image=image, page=page, page_count=page_count, source_kind="pdf", dpi=used_dpi)

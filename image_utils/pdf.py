@@ -26,8 +26,6 @@ stays in the process's RSS.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 import threading
 import time
@@ -36,6 +34,7 @@ from typing import Optional, Tuple
 from PIL import Image
 
 from .decode import check_dimensions
+from .memory import give_back_freed_memory
 from .errors import ImageInputError, clip_for_message
 from .policy import MAX_PDF_DPI, MIN_PDF_DPI, PDF_MAX_SIDE, ImagePolicy
 
@@ -188,21 +187,6 @@ def _draw(pdf_page, dpi: float, deadline: _Deadline):
     return bitmap
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None
-
-
-def _give_back_freed_memory() -> None:
-    # No library offers this; ctypes is the standard way to reach the C allocator.
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
 def render_pdf_page(
     data: bytes, policy: ImagePolicy, page: int = 1, dpi: Optional[float] = None
 ) -> Tuple[Image.Image, int, float]:
@@ -225,7 +209,7 @@ def render_pdf_page(
             finally:
                 document.close()
     finally:
-        _give_back_freed_memory()
+        give_back_freed_memory()
     return image, page_count, used
 
 

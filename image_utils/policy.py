@@ -4,11 +4,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["ImagePolicy", "MIN_PDF_DPI", "MAX_PDF_DPI", "PDF_MAX_SIDE", "MAX_ASPECT_RATIO"]
+__all__ = ["ImagePolicy", "MIN_PDF_DPI", "MAX_PDF_DPI", "DEFAULT_PDF_DPI", "PDF_MAX_SIDE", "MAX_ASPECT_RATIO",
+           "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_PDF_RENDER_TIMEOUT_S"]
 
-#: Bounds for an explicitly requested PDF rendering resolution.
+#: Bounds for an explicitly requested PDF rendering resolution, and the default (what the
+#: interface document recommends for turning documents into images).
 MIN_PDF_DPI = 36
 MAX_PDF_DPI = 600
+DEFAULT_PDF_DPI = 200
+#: The largest decoded image (width x height) anything of the project reads: the server (unless
+#: ``--max-image-pixels``), the batch job and the client alike. A letter page scanned at 600 dpi
+#: is 33.7 M pixels; a poster or a map may be more.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+#: Seconds allowed for opening a PDF, loading a page and drawing it (the server's
+#: ``--pdf-render-timeout``): a page that takes longer is too complex (413).
+DEFAULT_PDF_RENDER_TIMEOUT_S = 15.0
 #: Upstream dots.ocr re-renders a PDF page at a lower resolution when a side exceeds this.
 PDF_MAX_SIDE = 4500
 #: The model's resize rule (and qwen-vl-utils) refuse images whose long/short side ratio exceeds this.
@@ -42,13 +52,13 @@ class ImagePolicy:
 
     image_root: Optional[str] = None
     allow_private_urls: bool = False
-    max_image_pixels: int = 60_000_000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_download_bytes: int = 50 * 1024 * 1024
     url_connect_timeout: float = 5.0
     url_read_timeout: float = 20.0
     max_redirects: int = 3
-    pdf_dpi: int = 200
+    pdf_dpi: int = DEFAULT_PDF_DPI
     max_pdf_pages: int = 2000
     max_model_pixels: int = 11_289_600
     url_total_timeout: float = 120.0
-    pdf_render_timeout: float = 30.0
+    pdf_render_timeout: float = DEFAULT_PDF_RENDER_TIMEOUT_S

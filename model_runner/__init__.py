@@ -1,4 +1,4 @@
-"""dots.ocr in our own code: the architecture, its processor, and a streaming runner.
+"""dots.ocr in our own code: the architecture, its processor, loading, and the one decoding path.
 
 Names are imported lazily (PEP 562) so that ``import model_runner`` stays cheap and does no work.
 """
@@ -13,9 +13,13 @@ _EXPORTS = {
     "DotsOCRProcessor": "processing",
     "load_processor": "processing",
     "ModelRunner": "runner",
-    "GenerationStats": "runner",
-    "GenerationResult": "runner",
-    "GenerationInputError": "runner",
+    "GenerationRequest": "generation",
+    "GenerationHandle": "generation",
+    "GenerationStats": "generation",
+    "GenerationResult": "generation",
+    "PagePrompt": "generation",
+    "GenerationInputError": "decoding",
+    "DecodingOptions": "decoding",
     "PROMPT_TYPES": "prompts",
     "build_tiny_checkpoint": "tiny",
 }

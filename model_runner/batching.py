@@ -17,11 +17,15 @@ the engine starts again from an empty batch (requests waiting to join are not af
 
 The loop's thread exists while there is work: a busy period starts one (named
 ``dots-ocr-generate``) and it ends when the last request has left, so an idle runner holds no
-thread. A backend may run the loop on a thread of its own instead (the CUDA fast path keeps one
-persistent thread because CUDA graphs belong to the thread that recorded them).
+thread; as it ends, the C allocator is asked to give the memory freed meanwhile back to the
+system, so that an idle server's resident memory goes back down. A backend may run the loop on a
+thread of its own instead (the CUDA fast path keeps one persistent thread because CUDA graphs
+belong to the thread that recorded them).
 
-The model side is a *backend* with ``prefill``, ``add``, ``step``, ``remove`` and ``reset``.
-``DynamicBatch`` (here) is the plain path; ``fast_decode.StaticDecoder`` is the CUDA fast path.
+The model side is a *backend* (``DecodeBackend``: ``prefill``, ``add``, ``step``, ``remove``,
+``reset``, ``rows``). ``DynamicBatch`` (here) is the plain path; ``fast_decode.StaticDecoder`` is
+the CUDA fast path. The engine's public counters (``running``, ``waiting``, ``active``, ``steps``,
+``max_rows_seen``) are what ``/metrics`` reads.
 
 KV cache of the plain path (``DynamicBatch``): a transformers ``DynamicCache`` per request for its
 prefill, merged into one batched ``DynamicCache`` whose rows are *left-padded* to a common length;
@@ -45,9 +49,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
+
+from image_utils import give_back_freed_memory
 
 from .decoding import GenerationInputError, TokenChooser, choose_tokens
 
@@ -56,11 +62,39 @@ log = logging.getLogger(__name__)
 WORKER_NAME = "dots-ocr-generate"
 END = object()  # the last event of every request
 
-__all__ = ["BatchEngine", "BatchFullError", "DynamicBatch", "EngineRequest", "run_prefill", "END"]
+__all__ = ["BatchEngine", "BatchFullError", "DecodeBackend", "DynamicBatch", "EngineRequest", "run_prefill", "END"]
 
 
 class BatchFullError(RuntimeError):
     """More concurrent generations than ``max_batch_size`` were started."""
+
+
+@runtime_checkable
+class DecodeBackend(Protocol):
+    """The model side of the engine: one request's prefill, and the batch's rows decoding together.
+
+    Optional, looked up with ``getattr``: ``capacity`` (the most prompt + new tokens one row may
+    hold; the engine refuses a request beyond it) and ``run_loop(fn)`` (runs the engine's loop on
+    a thread the backend owns; returns a handle with ``is_alive()`` and ``join(timeout)``)."""
+
+    def prefill(self, inputs: dict[str, torch.Tensor], timings: dict[str, float]) -> tuple[Any, torch.Tensor]:
+        """Vision tower + prefill of one request: (a handle for ``add``, next-token logits [1, V] float32)."""
+
+    def add(self, handle: Any) -> None:
+        """The prefilled request becomes the batch's last row."""
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [b, 1] long, positions [b] long (each row's own) -> logits [b, V] float32."""
+
+    def remove(self, rows: list[int]) -> list[int]:
+        """Drop these rows; the old indices of the remaining rows, in their new order."""
+
+    def reset(self) -> None:
+        """An empty batch."""
+
+    @property
+    def rows(self) -> int:
+        """Rows in the batch."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +294,7 @@ class BatchEngine:
     busy period's loop is started (default: a new thread); it returns a handle with
     ``is_alive()`` and ``join(timeout)``."""
 
-    def __init__(self, backend, max_batch_size: int = 1, run_loop: Callable | None = None):
+    def __init__(self, backend: DecodeBackend, max_batch_size: int = 1, run_loop: Callable | None = None):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.backend = backend
@@ -283,6 +317,16 @@ class BatchEngine:
     def running(self) -> int:
         """Generations in flight (reserved: preparing, waiting to join, or decoding)."""
         return self._reserved
+
+    @property
+    def waiting(self) -> int:
+        """Prepared requests waiting to join the batch (behind other pages' prefill)."""
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        """Rows decoding in the batch now."""
+        return len(self._active)
 
     def reserve(self) -> None:
         with self._lock:
@@ -327,7 +371,7 @@ class BatchEngine:
                     with self._lock:
                         if not self._pending and not self._active:
                             self._ending, self._worker = self._worker, None
-                            return
+                            break
                         joining = self._pending.popleft() if self._pending else None
                     if joining is not None:
                         self._admit(joining)
@@ -343,6 +387,10 @@ class BatchEngine:
             self.backend.reset()
             for request in stranded:
                 self._finish(request, "error", exc)
+        # Idle: the pages, activations and caches of this busy period were freed, mostly into the
+        # per-thread malloc arenas of the threads that made them; without this, a server's RSS
+        # stays at its busiest (about 1 ms with a model loaded, once per busy period).
+        give_back_freed_memory()
 
     def _admit(self, request: EngineRequest) -> None:
         """Vision tower + prefill of one request, its first token, and its row in the batch."""

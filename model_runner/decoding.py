@@ -14,19 +14,23 @@ request's row of next-token logits (float32):
 4. temperature 0: greedy (argmax); otherwise temperature, then top-k, then top-p (nucleus, at
    least one token), then ``torch.multinomial`` with the request's generator.
 
-``Piece`` and ``TokenRecord`` are what ``ModelRunner.stream_pieces`` yields.
+``Piece`` and ``TokenRecord`` are what a generation's pieces are made of (model_runner.generation).
 """
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
 
+from typing import Sequence
+
 import torch
+
+from .defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 MAX_LOGPROBS = 5
 
 __all__ = ["GenerationInputError", "DecodingOptions", "TokenChooser", "TokenRecord", "Piece", "MAX_LOGPROBS",
-           "apply_penalties", "sample_next_token", "choose_tokens"]
+           "apply_penalties", "sample_next_token", "choose_tokens", "answer_offsets"]
 
 
 class GenerationInputError(ValueError):
@@ -44,12 +48,16 @@ class TokenRecord:
     """One generated token: its id, its text (the token decoded alone; a character split over
     several tokens shows as U+FFFD in each), its log-probability under the raw model
     distribution (None when the request did not ask for logprobs) and up to k alternatives
-    ``(id, text, logprob)``, most likely first (the chosen token is among them when it ranks)."""
+    ``(id, text, logprob)``, most likely first (the chosen token is among them when it ranks).
+    ``start``, ``end``: the characters ``[start, end)`` of the answer this token completed (empty
+    for a token that only began a character spelled over several tokens; see ``answer_offsets``)."""
 
     id: int
     text: str
     logprob: float | None = None
     top: tuple[tuple[int, str, float], ...] = ()
+    start: int = 0
+    end: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,11 +74,28 @@ class Piece:
 # ---------------------------------------------------------------------------------------------
 
 
+def answer_offsets(tokens: Sequence[TokenRecord]) -> list[tuple[int, int]]:
+    """Each token's ``[start, end)`` characters in the answer: its own span, or for a token that
+    only began a character, the span of the token that completed it (as decoding the ids again
+    with ``model_runner.trace.token_offsets`` gives them). A token whose character never completed
+    (the eos) keeps its empty span."""
+    spans = [(token.start, token.end) for token in tokens]
+    pending: list[int] = []
+    for index, (start, end) in enumerate(spans):
+        if start == end:
+            pending.append(index)
+            continue
+        for waiting in pending:
+            spans[waiting] = (start, end)
+        pending = []
+    return spans
+
+
 @dataclass(frozen=True)
 class DecodingOptions:
-    temperature: float = 0.1
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut (the API never sets one; StaticDecoder.generate may)
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = 0  # 0: no top-k cut (no route sets one; for callers of the runner)
     seed: int | None = None
     logprobs: int | None = None  # None: off; k in 0..5: the chosen token's logprob + k alternatives
     repetition_penalty: float = 1.0
@@ -249,14 +274,16 @@ class PieceAssembler:
             text = self._texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return text
 
-    def record(self, token_id: int, payload: list[float] | None, k: int | None) -> TokenRecord:
-        """payload: the row of ``choose_tokens``' logprob payload (None when off)."""
+    def record(self, token_id: int, payload: list[float] | None, k: int | None, span: tuple[int, int] = (0, 0)
+               ) -> TokenRecord:
+        """payload: the row of ``choose_tokens``' logprob payload (None when off); span: the
+        characters of the answer the token completed."""
         if payload is None or k is None:
-            return TokenRecord(token_id, self.token_text(token_id))
+            return TokenRecord(token_id, self.token_text(token_id), start=span[0], end=span[1])
         kmax = (len(payload) - 1) // 2
         values, ids = payload[1:1 + kmax], payload[1 + kmax:]
         top = tuple((int(ids[j]), self.token_text(int(ids[j])), float(values[j])) for j in range(k))
-        return TokenRecord(token_id, self.token_text(token_id), float(payload[0]), top)
+        return TokenRecord(token_id, self.token_text(token_id), float(payload[0]), top, span[0], span[1])
 
     def add(self, token_id: int, payload: list[float] | None = None, k: int | None = None) -> Piece:
         if self._stream is None:
@@ -266,8 +293,9 @@ class PieceAssembler:
         self._ids.append(token_id)
         # backend_tokenizer: the tokenizers.Tokenizer under transformers' fast tokenizer
         text = self._stream.step(self.tokenizer.backend_tokenizer, token_id) or ""
+        start = self._released
         self._released += len(text)
-        return Piece(text, (self.record(token_id, payload, k),))
+        return Piece(text, (self.record(token_id, payload, k, (start, self._released)),))
 
     def end(self) -> str:
         """The text still held back (an unfinished character at the end of the answer)."""

@@ -35,6 +35,13 @@ requests, their token choice and their stop checks. Inside:
   length is cut into chunks of ``kv_chunk`` positions so that the two batched matrix products run
   over many chunks in parallel (split-K), with one exact softmax over all chunks. Its score
   precision is per decoder (``score_precision``; passed down with the step's keyword arguments).
+  How it is reached: building a decoder registers, once, an attention function under a name of
+  its own (``sdpa+dots_static_decode`` for an SDPA model) and sets the LLM config's attention to
+  it, once. That function runs ``decode_attention`` for the calls that carry ``static_decode=True``
+  (the decoder's own steps pass it with their keyword arguments) and the implementation the model
+  was loaded with for every other call (prefills, a teacher-forced trace on another thread). So
+  nothing about the shared model changes per step, and a forward pass on any thread sees the same
+  configuration.
 - **One persistent thread** (``run_loop``) runs the engine's loop and the warm-up: CUDA graphs
   recorded by ``torch.compile`` belong to the thread that recorded them, so a new thread per busy
   period would record them again.
@@ -46,7 +53,6 @@ import logging
 import queue
 import threading
 import time
-from contextlib import contextmanager
 from typing import Any, Callable, Sequence
 
 import torch
@@ -55,12 +61,13 @@ from .batching import run_prefill
 
 log = logging.getLogger(__name__)
 
-DECODE_ATTENTION = "dots_static_decode"
+DECODE_ATTENTION = "dots_static_decode"  # the suffix of the registered attention's name
 DEFAULT_KV_CHUNK = 512
 SCORE_PRECISIONS = ("native", "fp32_out", "emulate")
 DEFAULT_MEMORY_RESERVE_GIB = 4.0
 
 __all__ = ["StaticDecoder", "DECODE_ATTENTION", "SCORE_PRECISIONS", "decode_attention", "register_decode_attention",
+           "base_attention",
            "dynamo_compile_count", "batch_buckets", "kv_buckets", "slots_that_fit", "default_max_cache_len",
            "fp32_out_supported"]
 
@@ -143,21 +150,44 @@ def fp32_out_supported(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-_registered = False
+_registered: set[str] = set()
+_SUFFIX = "+" + DECODE_ATTENTION
 
 
-def register_decode_attention() -> None:
-    """Register ``DECODE_ATTENTION`` with transformers (attention function + the SDPA mask builder).
-    Idempotent."""
-    global _registered
-    if _registered:
-        return
+def base_attention(name: str) -> str:
+    """The implementation a model was loaded with, under the name ``register_decode_attention`` gave it."""
+    return name.removesuffix(_SUFFIX)
+
+
+def register_decode_attention(base: str) -> str:
+    """Register (once per ``base``) the attention function of the module docstring: for calls with
+    ``static_decode=True``, ``decode_attention``; for every other call, ``base``'s own function
+    ("sdpa", "eager", "flash_attention_2"), with ``base``'s mask builder. Returns its name
+    (``base`` + "+dots_static_decode"; a name that contains "flash" keeps transformers' checks for
+    flash attention true)."""
+    base = base_attention(base)
+    name = base + _SUFFIX
+    if name in _registered:
+        return name
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
 
-    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
-    _registered = True
+    fallback = ALL_ATTENTION_FUNCTIONS.get_interface(base, eager_attention_forward)
+
+    def attention(module, query, key, value, attention_mask, *, static_decode: bool = False,
+                  kv_chunk: int = DEFAULT_KV_CHUNK, score_precision: str = "native", **kwargs):
+        if static_decode:
+            return decode_attention(module, query, key, value, attention_mask, kv_chunk=kv_chunk,
+                                    score_precision=score_precision, **kwargs)
+        return fallback(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    mask = ALL_MASK_ATTENTION_FUNCTIONS[base] if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else sdpa_mask
+    AttentionMaskInterface.register(name, mask)
+    _registered.add(name)
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +386,8 @@ class StaticDecoder:
         self._span = torch.arange(self.max_cache_len, device=self.device)
         self.lengths: list[int] = []  # tokens held by each row of the batch (host side)
 
-        register_decode_attention()
+        # once, at construction: see "How it is reached" in the module docstring
+        config._attn_implementation = {"": register_decode_attention(config._attn_implementation)}
         # the LLM's name for its KV cache argument: `past_key_values` up to transformers 5.23, `cache` after
         llm_forward = inspect.signature(type(model.model).forward).parameters
         self._cache_arg = "cache" if "cache" in llm_forward else "past_key_values"
@@ -412,20 +443,10 @@ class StaticDecoder:
         cache = _StepCache(self.keys, self.values, positions, mask.shape[1])
         out = self.model.model(input_ids=tokens, position_ids=positions.unsqueeze(1),
                                attention_mask={"full_attention": mask[:, None, None, :]}, use_cache=True,
-                               kv_chunk=self.kv_chunk, score_precision=self.score_precision,
+                               static_decode=True, kv_chunk=self.kv_chunk, score_precision=self.score_precision,
                                **{self._cache_arg: cache})
         logits = self.model.lm_head(out.last_hidden_state)  # [B, 1, vocab], as in the model's forward
         return logits[:, -1, :].float()
-
-    @contextmanager
-    def _decode_attention(self):
-        config = self.model.config
-        previous = config._attn_implementation
-        config._attn_implementation = {"": DECODE_ATTENTION}  # the LLM only; sub-configs untouched
-        try:
-            yield
-        finally:
-            config._attn_implementation = {"": previous}
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One step over ``tokens.shape[0]`` rows (a batch bucket) attending ``kv_len`` positions."""
@@ -435,10 +456,9 @@ class StaticDecoder:
             torch._dynamo.maybe_mark_dynamic(mask, 1)
             for tensor in (tokens, positions, mask):
                 torch._dynamo.mark_static(tensor, 0)
-        with self._decode_attention():
-            if self._cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = self._step(tokens, positions, mask)
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self._step(tokens, positions, mask)
         return logits.clone() if self._cudagraphs else logits  # a CUDA-graph output is overwritten next step
 
     # -- the backend interface (on the loop's thread) -----------------------------------------------

@@ -5,7 +5,7 @@ Everything the released checkpoint ``rednote-hilab/dots.ocr`` needs, in one file
 1. ``DotsVisionConfig`` / ``DotsOCRConfig``      configuration classes (read the official config.json)
 2. vision tower building blocks                  RMSNorm, patch embedding, 2-D rotary, attention, SwiGLU MLP,
                                                  pre-norm block, patch merger
-3. ``DotsVisionTransformer``                      the 42-block ViT + 2x2 patch merger  (MODEL.md section 5)
+3. ``DotsVisionTransformer``                      the 42-block ViT + 2x2 patch merger
 4. ``DotsOCRForCausalLM``                         stock transformers Qwen2 LLM + ``vision_tower``; image
                                                  embeddings replace the ``<|imgpad|>`` positions (section 6)
 5. ``DotsOCRForCausalLM.from_pretrained``         our own deterministic, strict safetensors loader
@@ -51,6 +51,7 @@ __all__ = [
     "VISION_ATTN_IMPLEMENTATIONS",
     "LLM_ATTN_IMPLEMENTATIONS",
     "flash_attn_available",
+    "resolve_dtype",
 ]
 
 # Attention implementations we accept.
@@ -425,7 +426,7 @@ class DotsVisionOutput(ModelOutput):
 
 
 class DotsVisionTransformer(nn.Module):
-    """The dots.ocr ViT (MODEL.md section 5).  A plain ``nn.Module`` (hooks on ``blocks[j]`` work).
+    """The dots.ocr ViT.  A plain ``nn.Module`` (hooks on ``blocks[j]`` work).
 
     ``attn_implementation``: "sdpa" (default; per image segment, never an N x N mask), "flash_attention_2"
     (``flash_attn_varlen_func``; falls back to sdpa with a warning when flash_attn is missing, tensors are not
@@ -700,7 +701,7 @@ class DotsOCRForCausalLM(Qwen2ForCausalLM):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} is not a checkpoint folder (no config.json)")
         device = torch.device(device)
-        dtype = _resolve_dtype(dtype, device)
+        dtype = resolve_dtype(dtype, device)
         if attn_implementation not in LLM_ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {LLM_ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
         if vision_attn_implementation is None:
@@ -755,16 +756,18 @@ class DotsOCRForCausalLM(Qwen2ForCausalLM):
 # ================================================================================================
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None = "auto", device: torch.device | None = None) -> torch.dtype:
+    """auto (or None): bfloat16 on CUDA (the released dtype), float32 elsewhere; a torch dtype, or
+    its name ("bfloat16", "float16", "float32") or short name ("bf16", "fp16", "half", "fp32")."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
     name = aliases.get(str(dtype), str(dtype)).replace("torch.", "")
     resolved = getattr(torch, name, None)
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"unsupported dtype {dtype!r}")
+        raise ValueError(f"unsupported dtype {dtype!r}: use auto, bfloat16, float16 or float32")
     return resolved
 
 

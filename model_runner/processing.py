@@ -1,14 +1,16 @@
-"""The dots.ocr processor: tokenizer + image processor + prompt rendering.
+"""The dots.ocr processor: tokenizer + image processor + prompt rendering, and the page geometry
+(the 28-pixel smart resize): everything that turns a page and a prompt into the model's inputs
+(:meth:`DotsOCRProcessor.page_inputs`), on the CPU, without the model.
 
 The released checkpoint names a ``DotsVLProcessor`` (a thin subclass of Qwen2.5-VL's processor
 that only switches the image token to ``<|imgpad|>``). That class lives in the checkpoint's own
 Python files, which we never import, and the Qwen2.5-VL processor it builds on has changed its
-behaviour across transformers releases (MODEL.md §9). What it does for images is small, so it is
+behaviour across transformers releases. What it does for images is small, so it is
 composed here from stable parts: transformers' tokenizer and ``Qwen2VLImageProcessor`` (both read
 from the checkpoint folder), and the expansion of each image placeholder into one ``<|imgpad|>``
 per image token.
 
-Prompts are rendered as upstream's vLLM path renders them (MODEL.md §8.2), which is how the published
+Prompts are rendered as upstream's vLLM path renders them, which is how the published
 numbers were produced: :meth:`DotsOCRProcessor.render_prompt` for one prompt, and
 :meth:`DotsOCRProcessor.render_chat` for OpenAI-style messages, through the checkpoint's own chat
 template.
@@ -23,19 +25,39 @@ from typing import Any, Mapping, Sequence
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, Qwen2VLImageProcessor
 
+from .decoding import GenerationInputError
+from .prompts import GROUNDING_PROMPT_TYPE, PROMPT_TYPES, prompt_text, system_text
+
 IMAGE_PAD = "<|imgpad|>"
 IMAGE_START = "<|img|>"
 IMAGE_END = "<|endofimg|>"
 USER_START = "<|user|>"
 USER_END = "<|endofuser|>"
 ASSISTANT_START = "<|assistant|>"
-# The checkpoint's chat templates write these literally; they are not tokens of the vocabulary
-# (MODEL.md §8.2), so they tokenize into ordinary pieces.
+# The checkpoint's chat templates write these literally; they are not tokens of the vocabulary,
+# so they tokenize into ordinary pieces.
 SYSTEM_START = "<|system|>"
 SYSTEM_END = "<|endofsystem|>\n"
 #: What stands for one image in a rendered prompt (vLLM's placeholder string for dots.ocr).
 IMAGE_PLACEHOLDER = IMAGE_START + IMAGE_PAD + IMAGE_END
 _IMAGE_PART_TYPES = ("image", "image_url", "input_image")
+
+
+@dataclass(frozen=True)
+class PageInputs:
+    """One page and its prompt as the model reads them (CPU tensors; the generator moves them).
+
+    ``tensors``: ``input_ids`` [1, L], ``attention_mask``, ``pixel_values`` [P, 588] float32,
+    ``image_grid_thw`` [1, 3]. ``original_size`` / ``model_size``: (width, height) of the image
+    given and of the resized model input (multiples of 28)."""
+
+    tensors: BatchFeature
+    original_size: tuple[int, int]
+    model_size: tuple[int, int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.tensors["input_ids"].shape[1])
 
 
 @dataclass
@@ -53,8 +75,66 @@ class DotsOCRProcessor:
     def merge_size(self) -> int:
         return int(self.image_processor.merge_size)
 
+    # -- geometry --------------------------------------------------------------------------------
+
+    @property
+    def pixel_limits(self) -> tuple[int, int]:
+        """(min_pixels, max_pixels) of the checkpoint's image processor."""
+        size = self.image_processor.size
+        return int(size["shortest_edge"]), int(size["longest_edge"])
+
+    def model_input_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the model input for an image of that size (the 28-px smart resize)."""
+        from image_utils import smart_resize_dims
+
+        min_pixels, max_pixels = self.pixel_limits
+        return smart_resize_dims(width, height, min_pixels=min_pixels, max_pixels=max_pixels)
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def page_inputs(self, image: Image.Image, prompt_type: str | None = None, *, bbox=None,
+                    question: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None) -> PageInputs:
+        """The model's inputs for ``image`` (resized to the model's size) and a prompt: the trained
+        prompt of ``prompt_type`` (``bbox`` in original pixels for grounding, mapped to model pixels;
+        ``question`` for ``prompt_general``), or, with ``messages`` (chat turns, as the OpenAI route
+        receives them), :meth:`render_chat` of them. Raises ``GenerationInputError`` (a message for
+        the client) for what the model cannot run."""
+        from image_utils import ImageInputError, resize_for_model, to_model_coords
+
+        if messages is None and prompt_type not in PROMPT_TYPES:
+            raise GenerationInputError(f"Invalid prompt_type. Must be one of: {list(PROMPT_TYPES)}")
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        original = image.size
+        try:
+            model_size = self.model_input_size(*original)
+            min_pixels, max_pixels = self.pixel_limits
+            resized = resize_for_model(image, min_pixels=min_pixels, max_pixels=max_pixels)
+        except ImageInputError as exc:
+            raise GenerationInputError(exc.message) from exc
+        if messages is not None:
+            try:
+                text = self.render_chat(messages)
+            except ValueError as exc:
+                raise GenerationInputError(str(exc)) from None
+        else:
+            model_bbox = None
+            if prompt_type == GROUNDING_PROMPT_TYPE:
+                if bbox is None:
+                    raise GenerationInputError("bbox is required for prompt_grounding_ocr")
+                model_bbox = to_model_coords(bbox, original, model_size)
+            try:
+                user_text = prompt_text(prompt_type, model_bbox, image_size=original, question=question)
+            except ValueError as exc:
+                raise GenerationInputError(str(exc)) from None
+            text = self.render_prompt(user_text, system=system_text(prompt_type))
+        try:
+            tensors = self(text=text, images=[resized])
+        except ValueError as exc:  # e.g. a chat with no image placeholder, or several
+            raise GenerationInputError(str(exc)) from exc
+        return PageInputs(tensors=tensors, original_size=original, model_size=model_size)
+
     def render_prompt(self, prompt: str, n_images: int = 1, system: str | None = None) -> str:
-        """The text the model was evaluated with (DESIGN.md), one placeholder pad per image:
+        """The text the model was evaluated with, one placeholder pad per image:
         ``<|user|>`` + ``<|img|><|imgpad|><|endofimg|>`` per image + prompt + ``<|endofuser|><|assistant|>``.
 
         With ``system``, the system turn comes first as the checkpoint's chat template writes it:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from .defaults import DEFAULT_TEMPERATURE
 
-# The order is the one API.md prints in its error message: the four dots.ocr types first, then the
+# The order is the one the dots.ocr API document prints in its error message: the four dots.ocr types first, then the
 # four that dots.mocr (dots.ocr 1.5) added.
 PROMPT_TYPES: tuple[str, ...] = (
     "prompt_layout_all_en",

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 # ------------------------------------------------------------------------------------------------
-# Official facts of the released checkpoint (rednote-hilab/dots.ocr), see docs / MODEL.md
+# Official facts of the released checkpoint (rednote-hilab/dots.ocr): its config.json and file layout
 # ------------------------------------------------------------------------------------------------
 
 OFFICIAL_CONFIG = {

@@ -1,8 +1,10 @@
 """Looking inside one answer: tokens, logprobs, and where each generated token looked on the page.
 
-``trace(runner, image, prompt_type, ...)`` (also ``ModelRunner.trace(image, prompt_type, ...)``) runs the answer once more as
-a single teacher-forced forward pass (prompt + answer tokens, no KV cache) with forward hooks on
-the selected decoder layers. For those layers it captures what the attention module computed
+``trace_answer(model, processor, inputs, ...)`` runs an answer (its token ids, or its text) once
+more as a single teacher-forced forward pass (prompt + answer tokens, no KV cache) with forward
+hooks on the selected decoder layers. ``ModelRunner.trace(image, prompt_type, ...)`` prepares the
+page, generates the answer through the decoding engine when none is given (like any request), and
+calls it. For those layers it captures what the attention module computed
 (``q_proj`` / ``k_proj`` outputs and the rotary ``position_embeddings`` the layer received),
 applies RoPE with transformers' own ``apply_rotary_pos_emb`` and computes the softmax
 probabilities itself, chunk by chunk, keeping only the image-token part of each row.
@@ -24,16 +26,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-from PIL import Image
 
 # The attention math must match the model's: use the library's own RoPE function.
-from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from .runner import GenerationInputError, GenerationStats
+from .decoding import GenerationInputError
+from .processing import PageInputs
 
 QUERY_CHUNK = 256  # queries per softmax chunk: scores are [Hq, 256, L] float32 at a time
 LOGIT_CHUNK = 256  # answer positions per lm_head chunk (the vocabulary is 151,936 wide)
@@ -199,43 +200,8 @@ def chars_to_tokens(offsets: Sequence[tuple[int, int]], start: int, end: int) ->
     return hits[0], hits[-1] + 1
 
 
-def _eos_ids(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return set() if eos is None else set(eos if isinstance(eos, (list, tuple)) else [eos])
-
-
 class TraceStopped(RuntimeError):
-    """``should_stop`` ended the generation of the answer to trace (a client gone, a shutdown)."""
-
-
-class _StopWhen(StoppingCriteria):
-    """Ends ``model.generate`` at the next step once ``should_stop()`` is true."""
-
-    def __init__(self, should_stop: Callable[[], bool]):
-        self.should_stop = should_stop
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
-
-
-def _generate_answer(runner, inputs, max_new_tokens: int, temperature: float,
-                     should_stop: Callable[[], bool] | None = None) -> list[int]:
-    """The answer's token ids (eos dropped), from plain ``model.generate``; ``TraceStopped`` when
-    ``should_stop()`` became true before it ended."""
-    model = runner.model
-    eos = _eos_ids(model)
-    sampling = ({"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if temperature == 0
-                else {"do_sample": True, "temperature": float(temperature), "top_p": 1.0, "top_k": 0})
-    stopping = StoppingCriteriaList([_StopWhen(should_stop)] if should_stop is not None else [])
-    with torch.inference_mode():
-        sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=min(eos),
-                                   stopping_criteria=stopping, **sampling)
-    if should_stop is not None and should_stop():
-        raise TraceStopped("the generation of the answer to trace was stopped")
-    ids = sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    while ids and ids[-1] in eos:
-        ids.pop()
-    return ids
+    """The generation of the answer to trace was stopped (a client gone, a shutdown): nothing traced."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,54 +358,50 @@ def _resolve_span(span, char_span, offsets, count: int) -> tuple[int, int]:
     return start, end
 
 
-def _image_grid(runner, inputs, stats: GenerationStats) -> ImageGrid:
-    processor = runner.processor
+def _image_grid(processor, page: PageInputs) -> ImageGrid:
+    inputs = page.tensors
     (t, h, w), = inputs["image_grid_thw"].tolist()
     positions = (inputs["input_ids"][0] == processor.image_token_id).nonzero().flatten()
     merge = processor.merge_size
     grid = ImageGrid(t=t, h=h, w=w, merge_size=merge, patch_size=int(processor.image_processor.patch_size),
-                     first_position=int(positions[0]), model_size=tuple(stats.model_size),
-                     original_size=tuple(stats.original_size))
+                     first_position=int(positions[0]), model_size=tuple(page.model_size),
+                     original_size=tuple(page.original_size))
     # the <|imgpad|> tokens are one contiguous run, one per merged block
     if len(positions) != grid.num_tokens or int(positions[-1]) != grid.positions[-1] or t != 1:
         raise RuntimeError(f"unexpected image token layout: {len(positions)} pads for grid {(t, h, w)}")
     return grid
 
 
-def trace(runner, image: Image.Image, prompt_type: str, *, layers: Sequence[int] | None = None,
-          heads: Sequence[int] | None = None, average_heads: bool = False, bbox=None, text: str | None = None,
-          span: tuple[int, int] | None = None, char_span: tuple[int, int] | None = None,
-          max_new_tokens: int = 256, temperature: float = 0.0, question: str | None = None,
-          average_span: bool = False, vision_blocks: bool | Sequence[int] = False,
-          should_stop: Callable[[], bool] | None = None) -> TraceResult:
-    """Trace one answer for ``image`` and ``prompt_type`` (``bbox`` for grounding, original pixels).
+def trace_answer(model, processor, page: PageInputs, prompt_type: str, *, token_ids: Sequence[int] | None = None,
+                 text: str | None = None, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+                 average_heads: bool = False, span: tuple[int, int] | None = None,
+                 char_span: tuple[int, int] | None = None, average_span: bool = False,
+                 vision_blocks: bool | Sequence[int] = False) -> TraceResult:
+    """Trace one answer to ``page`` (its prepared inputs, ``prompt_type``'s prompt): given as the
+    ``token_ids`` the model generated, or as ``text`` (e.g. what ``/ocr`` returned; it is tokenized).
 
-    The answer is ``text`` when given (e.g. what ``/ocr`` returned; it is tokenized), else it is
-    generated here (``max_new_tokens``, ``temperature``; 0 = greedy). Maps are computed for the
-    answer tokens in ``span`` ([start, end) token indices) or ``char_span`` ([start, end)
-    characters of the answer), default all, for ``layers`` (default all; negative indices count
-    from the end) and query ``heads`` (default all; ``average_heads`` keeps only their mean).
-    ``average_span`` keeps only the mean over the span's tokens (one row per layer: memory no
-    longer grows with the span). ``question``: the user's prompt, for ``prompt_general``.
-    ``vision_blocks``: True for every vision block's output, or a list of indices
-    (0 = patch embeddings, j + 1 = block j). ``should_stop``: polled at every step of generating the
-    answer; once true, generation ends and ``TraceStopped`` is raised (nothing is traced).
+    Maps are computed for the answer tokens in ``span`` ([start, end) token indices) or
+    ``char_span`` ([start, end) characters of the answer), default all, for ``layers`` (default
+    all; negative indices count from the end) and query ``heads`` (default all; ``average_heads``
+    keeps only their mean). ``average_span`` keeps only the mean over the span's tokens (one row per
+    layer: memory no longer grows with the span). ``vision_blocks``: True for every vision block's
+    output, or a list of indices (0 = patch embeddings, j + 1 = block j).
 
     Memory: each traced layer keeps S x H' x rows x cols float32 on the CPU (a letter page has
     about 5,000 image tokens: 12 heads x 256 tokens is 60 MB per layer).
     """
-    if not runner.loaded:
-        raise RuntimeError("Model not loaded")
-    if max_new_tokens < 1 or temperature < 0:
-        raise GenerationInputError("max_new_tokens must be at least 1 and temperature >= 0")
-    model, tokenizer = runner.model, runner.processor.tokenizer
-    stats = GenerationStats()
-    inputs = runner.prepare(image, prompt_type, bbox, stats, question=question)
-    grid = _image_grid(runner, inputs, stats)
+    if (token_ids is None) == (text is None):
+        raise GenerationInputError("give the answer as token ids or as text (one of the two)")
+    tokenizer = processor.tokenizer
+    device = model.lm_head.weight.device
+    inputs = {k: v.to(device) for k, v in page.tensors.items() if k in ("input_ids", "pixel_values", "image_grid_thw")}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.lm_head.weight.dtype)
+    grid = _image_grid(processor, page)
 
     if text is None:
-        token_ids = _generate_answer(runner, inputs, max_new_tokens, temperature, should_stop)
-        answer, pieces, offsets = token_offsets(tokenizer, token_ids)
+        answer, pieces, offsets = token_offsets(tokenizer, list(token_ids))
+        token_ids = list(token_ids)
     else:
         answer = text
         token_ids, pieces, offsets = tokenize_answer(tokenizer, text)

@@ -240,7 +240,7 @@ def instant_runner(runner):
     """A runner on ``runner``'s model and processor whose generation is instant (InstantBackend)."""
     from model_runner.runner import ModelRunner
 
-    backend = InstantBackend(min(runner._eos_ids()), int(runner.model.lm_head.weight.shape[0]), runner.device)
+    backend = InstantBackend(min(runner.generator.eos_ids), int(runner.model.lm_head.weight.shape[0]), runner.device)
     return ModelRunner.from_model(runner.model, runner.processor, model_path=runner.model_path, decoder=backend)
 
 
@@ -325,7 +325,8 @@ def parse_args(argv=None):
 
 def make_runner(args, work_dir: Path):
     """(runner, description of the model, load seconds)."""
-    from model_runner.runner import ModelRunner, resolve_attention, resolve_device, resolve_dtype
+    from model_runner.loading import resolve_attention, resolve_device, resolve_dtype
+    from model_runner.runner import ModelRunner
 
     start = time.perf_counter()
     fast_options = {"backend": args.compile_backend} if args.compile_backend else {}
@@ -630,7 +631,7 @@ def run_benchmark(args) -> dict:
     # -- CPU stages -------------------------------------------------------------------------------
     policy = ImagePolicy()
     figures["image_decode_s"], image = timed(lambda: decode_image_bytes(data, policy), None, R)
-    min_pixels, max_pixels = runner.pixel_limits
+    min_pixels, max_pixels = runner.processor.pixel_limits
     processor = runner.processor
 
     def resize_and_patchify():
@@ -639,8 +640,8 @@ def run_benchmark(args) -> dict:
         return processor(text=text, images=[resized])
 
     figures["resize_patchify_s"], _ = timed(resize_and_patchify, None, R)
-    cpu_inputs = runner.prepare(image, args.prompt_type)  # the real prompt (already on the device)
-    cpu_inputs = {k: v.to("cpu") for k, v in cpu_inputs.items()}
+    cpu_inputs = runner.processor.page_inputs(image, args.prompt_type).tensors  # the real prompt, on the CPU
+    cpu_inputs = dict(cpu_inputs)
     figures["to_device_s"], inputs = timed(
         lambda: {k: v.to(device) for k, v in cpu_inputs.items()}, device, R)
     inputs["pixel_values"] = inputs["pixel_values"].to(runner.dtype)

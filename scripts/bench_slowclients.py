@@ -1,4 +1,4 @@
-"""Latency of /health and /ocr while slow clients hold connections open (issues 14.3 and 15.2).
+"""Latency of /health and /ocr while slow clients hold connections open.
 
 Starts ``server.py`` on the tiny random checkpoint (CPU), opens 0, 20 and 100 slow connections
 (a third each: headers sent a byte at a time, an idle partial request, a stalled upload), and

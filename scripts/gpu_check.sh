@@ -5,7 +5,7 @@
 #               no CUDA-graph skips                                                   (~4 min)
 #   bench       scripts/bench_pipeline.py --random-full-size --baseline --new-tokens 1000, letter page  (~5 min)
 #   throughput  scripts/bench_throughput.py --random-full-size, bf16, a letter page at 200 dpi,
-#               1000 output tokens a page, 16 pages at batch sizes 1, 2, 4, 8, 16 (issue 8) (~9 min)
+#               1000 output tokens a page, 16 pages at batch sizes 1, 2, 4, 8, 16 (~9 min)
 # e.g. `bash scripts/gpu_check.sh check bench` then `bash scripts/gpu_check.sh throughput` (each call
 # inside 10 minutes). Logs and JSON go to $OUT when set, else ./gpu_check_logs. Installs nothing
 # that is already there.

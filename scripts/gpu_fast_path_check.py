@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     from image_utils.decode import decode_image_bytes
     from model_runner.fast_decode import StaticDecoder, dynamo_compile_count
     from model_runner.processing import load_processor
-    from model_runner.runner import ModelRunner, resolve_attention
+    from model_runner.loading import resolve_attention
+    from model_runner.runner import ModelRunner
 
     parser = argparse.ArgumentParser(description="fast path = plain path on greedy tokens, full size, GPU")
     parser.add_argument("--tokens", type=int, default=256)

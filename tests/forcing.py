@@ -31,7 +31,7 @@ def plain_token_ids(runner, count):
     """Ordinary (non-special) token ids of the tiny vocabulary; the first one is a space, so that
     the streamer (which emits text at word boundaries) has something to emit."""
     tokenizer = runner.processor.tokenizer
-    special = set(tokenizer.all_special_ids) | set(runner._eos_ids())
+    special = set(tokenizer.all_special_ids) | set(runner.generator.eos_ids)
     space = tokenizer.convert_tokens_to_ids("\u0120")  # byte-level BPE's space
     others = [i for i in range(40, 40 + count + len(special)) if i not in special and i != space]
     return [space] + others[:count - 1]
@@ -64,3 +64,60 @@ class FailsAtStep:
 
     def __exit__(self, *exc):
         self.handle.remove()
+
+
+class ScriptedHandle:
+    """A stand-in for a generation handle (model_runner.generation.GenerationHandle) that "says"
+    ``answer``, seven characters a piece and no token records, after the runner's real input
+    preparation (so the page geometry, the prompt checks and the statistics are real)."""
+
+    def __init__(self, runner, request, stats, answer: str):
+        from model_runner.generation import GenerationStats
+
+        self.request = request
+        self.stats = stats if stats is not None else GenerationStats()
+        self.inputs = runner.generator.prepare(request.prompt)
+        self.stats.original_size, self.stats.model_size = self.inputs.original_size, self.inputs.model_size
+        self.stats.prompt_tokens = self.inputs.prompt_tokens
+        self.stats.finish_reason = "eos"
+        self._answer = answer
+
+    def pieces(self):
+        from model_runner.decoding import Piece
+
+        return (Piece(self._answer[i:i + 7]) for i in range(0, len(self._answer), 7))
+
+    def cancel(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def script_answer(runner, monkeypatch, answer: str) -> None:
+    """Make ``runner`` answer every request with ``answer`` (``ScriptedHandle``)."""
+    monkeypatch.setattr(runner, "start", lambda request, stats=None: ScriptedHandle(runner, request, stats, answer))
+
+
+class StartSpy:
+    """Records the ``GenerationRequest`` of every ``runner.start`` (``requests``); ``change`` holds
+    fields to replace in each before it runs (e.g. ``{"max_new_tokens": 2}`` to keep a test short)."""
+
+    def __init__(self, runner, monkeypatch):
+        self.requests: list = []
+        self.change: dict = {}
+        original = runner.start
+
+        def start(request, stats=None):
+            import dataclasses
+
+            self.requests.append(request)
+            if self.change:
+                request = dataclasses.replace(request, **self.change)
+            return original(request, stats)
+
+        monkeypatch.setattr(runner, "start", start)
+
+    @property
+    def last(self):
+        return self.requests[-1]

@@ -14,7 +14,7 @@ import pytest
 
 from dots_ocr_server.batch import cli
 from dots_ocr_server.batch.actor import JobSettings, PageOcr
-from dots_ocr_server.batch.inputs import expand_inputs, load_page, page_key, plan_pages, scan_source
+from dots_ocr_server.batch.inputs import expand_inputs, page_key, page_policy, plan_pages, scan_source
 from dots_ocr_server.batch.outputs import ShardWriter, drop_superseded, output_columns, read_written, shard_files
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -207,14 +207,14 @@ def test_actor_turns_bad_pages_into_error_rows(batch_runner, corpus):
     pages = _pages(corpus, ["corrupt.png", "demo_pdf1.pdf"])
     pages.append({**pages[1], "source": str(corpus / "vanished.pdf"), "key": "k-vanished"})
 
-    def generate(image, prompt_type, **kwargs):
+    def start(request, stats=None):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    batch_runner.generate = generate
+    batch_runner.start = start
     try:
         rows = actor(pa.Table.from_pylist(pages)).to_pylist()
     finally:
-        del batch_runner.generate
+        del batch_runner.start
         actor.close()
     # close() ends the page threads at once (the logged tracebacks keep the actor alive until a
     # garbage collection, and its idle threads with it)
@@ -242,11 +242,15 @@ def test_actor_loads_its_runner_with_the_batch_size(tiny_ckpt):
     assert runner.max_new_tokens_limit == 64
 
 
-def test_load_page_uses_the_servers_loaders(corpus):
+def test_pages_load_with_the_servers_loaders(corpus):
+    from dots_ocr_server.pages import PageService, PageSource
+
+    pages = PageService(None, page_policy())
     pdf = (corpus / "demo_pdf1.pdf").read_bytes()
-    page, sharper = load_page(pdf, "pdf", 2, 72), load_page(pdf, "pdf", 2, 144)
+    page = pages.load(PageSource(data=pdf, page=2, dpi=72)).image
+    sharper = pages.load(PageSource(data=pdf, page=2, dpi=144)).image
     assert page.mode == "RGB" and abs(sharper.width - 2 * page.width) <= 1  # rendered at the dpi given
-    image = load_page((corpus / "demo_image1.jpg").read_bytes(), "image", 1, 72)
+    image = pages.load(PageSource(data=(corpus / "demo_image1.jpg").read_bytes())).image
     assert image.mode == "RGB"
 
 

@@ -1,4 +1,4 @@
-"""Continuous batching (model_runner.batching, issue 8) on the tiny checkpoint, float32, CPU.
+"""Continuous batching (model_runner.batching) on the tiny checkpoint, float32, CPU.
 
 Most tests drive ``BatchEngine`` directly on a ``DynamicBatch`` whose ``step`` first runs the
 test's actions for that step number, on the loop's own thread: pages join, get cancelled or fail
@@ -56,14 +56,14 @@ def prepared(runner, images):
     """Each page's model inputs (what the engine gets from ``ModelRunner.prepare``)."""
     out = {}
     for name, image in images.items():
-        inputs = runner.prepare(image, "prompt_ocr")
+        inputs = runner.processor.page_inputs(image, "prompt_ocr").tensors
         out[name] = {k: inputs[k] for k in ("input_ids", "pixel_values", "image_grid_thw")}
     return out
 
 
 def _request(runner, inputs, max_new_tokens, chooser=None, **fields) -> EngineRequest:
     chooser = chooser or TokenChooser(DecodingOptions(temperature=0), runner.model.lm_head.weight.shape[0], runner.device)
-    fields.setdefault("eos_ids", frozenset(runner._eos_ids()))
+    fields.setdefault("eos_ids", frozenset(runner.generator.eos_ids))
     return EngineRequest(inputs=inputs, chooser=chooser, max_new_tokens=max_new_tokens, **fields)
 
 
@@ -131,7 +131,7 @@ def solo(runner, prepared):
 
 
 def test_alone_equals_model_generate(runner, prepared, solo):
-    eos = runner._eos_ids()
+    eos = runner.generator.eos_ids
     for name, inputs in prepared.items():
         full = dict(inputs, attention_mask=torch.ones_like(inputs["input_ids"]))
         with torch.inference_mode():
@@ -390,12 +390,12 @@ def test_runner_threads_started_at_different_times_get_their_solo_answers(runner
     for name, got in results.items():
         assert got == solo[name], name
     assert len(results) == 4
-    assert runner4._engine.max_rows_seen >= 2
+    assert runner4.engine.max_rows_seen >= 2
     assert runner4.running == 0 and not _generation_threads()
 
 
 def test_runner_isolation_closed_stream_gone_client_and_failing_prefill(runner4, images, solo, monkeypatch):
-    tiny_len = int(runner4.prepare(images["tiny"], "prompt_ocr")["input_ids"].shape[1])
+    tiny_len = int(runner4.processor.page_inputs(images["tiny"], "prompt_ocr").tensors["input_ids"].shape[1])
     real_prefill = DynamicBatch.prefill
 
     def prefill(self, inputs, timings):  # the "tiny" page's prefill fails
@@ -523,7 +523,7 @@ def test_two_hundred_requests_through_four_slots_leave_nothing_behind(runner4, i
     reading), growth levels off at 5-12 MiB over 160 to 1,000 requests, while keeping every
     request's inputs and KV cache would add about 80 MiB; the test checks that the bound stays
     under half of that, so it would catch such a leak."""
-    engine = runner4._engine_now()
+    engine = runner4.engine
     seen: list[weakref.ref] = []
     submit = engine.submit
 
@@ -572,7 +572,7 @@ def test_two_hundred_requests_through_four_slots_leave_nothing_behind(runner4, i
 
 def _request_footprint_mb(runner, image) -> float:
     """Bytes one request's prefill holds: its model inputs and its KV cache."""
-    inputs = runner.prepare(image, "prompt_ocr")
+    inputs = runner.processor.page_inputs(image, "prompt_ocr").tensors
     cache, _ = DynamicBatch(runner.model).prefill(
         {k: inputs[k] for k in ("input_ids", "pixel_values", "image_grid_thw")}, {})
     tensors = [inputs[k] for k in ("input_ids", "pixel_values", "image_grid_thw")]

@@ -225,7 +225,7 @@ def test_one_rows_failure_stays_with_that_row():
     assert payload.shape == (3, 3)
 
 
-# -- from the observability work (issue 12): the global RNG, and the payload's layout ----------
+# -- from the observability work: the global RNG, and the payload's layout ----------
 
 _VOCAB = 50
 _CPU = torch.device("cpu")

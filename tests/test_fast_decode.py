@@ -64,15 +64,21 @@ def _alone(runner, page, new_tokens, **kwargs):
 
 
 def _request(runner, page, new_tokens, ignore_eos=True):
-    inputs = runner.prepare(PAGES[page], "prompt_ocr")
-    return runner._request(inputs, GREEDY, new_tokens, None, ignore_eos)
+    """The engine request the runner makes for a greedy page (its eos ignored: a fixed length)."""
+    import contextvars
+
+    from model_runner.generation import GenerationRequest, PagePrompt
+
+    request = GenerationRequest(PagePrompt(PAGES[page], "prompt_ocr"), GREEDY, max_new_tokens=new_tokens,
+                                ignore_eos=ignore_eos)
+    return runner.generator._engine_request(request, contextvars.copy_context())[1]
 
 
 def _run_joined(runner, requests, join_at):
     """Run engine requests; request k joins when the first one has seen ``join_at[k]`` steps (the
     first one's should_stop hook, called by the loop once per step, submits the others). Waits
     for all of them, then returns them."""
-    engine = runner._engine_now()
+    engine = runner.engine
     for _ in requests:
         engine.reserve()
     waiting = sorted(zip(join_at[1:], range(1, len(requests))))
@@ -111,7 +117,7 @@ def test_greedy_batched_equals_alone_with_rows_joining_and_leaving(plain_runner,
         for request, (page, n, _) in zip(requests, plan):
             assert (request.generated, request.finish_reason) == alone[(page, n)], (runner.decoder, page, n)
     decoder = fast_runner.decoder
-    assert fast_runner._engine.max_rows_seen >= 3
+    assert fast_runner.engine.max_rows_seen >= 3
     assert decoder.rows == 0
 
 
@@ -182,7 +188,7 @@ def test_remove_moves_the_last_rows_into_the_holes(plain_runner):
     try:
         with torch.inference_mode():
             for page in ("small", "wide", "tall", "small"):
-                inputs = plain_runner.prepare(PAGES[page], "prompt_ocr")
+                inputs = plain_runner.processor.page_inputs(PAGES[page], "prompt_ocr").tensors
                 handle, _ = decoder.prefill({k: inputs[k] for k in ("input_ids", "pixel_values", "image_grid_thw")},
                                             {})
                 decoder.add(handle)
@@ -360,7 +366,7 @@ def test_length_and_eos_on_the_fast_path(fast_runner, page_image):
     with ForcedTokens(fast_runner.model, aperiodic(ids)):
         result = fast_runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=7)
     assert (result.finish_reason, result.stats.new_tokens) == ("length", 7)
-    eos = sorted(fast_runner._eos_ids())[-1]
+    eos = sorted(fast_runner.generator.eos_ids)[-1]
     with ForcedTokens(fast_runner.model, lambda step: eos if step == 3 else ids[step]):
         result = fast_runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=50)
     assert (result.finish_reason, result.stats.new_tokens) == ("eos", 4)

@@ -1,5 +1,4 @@
-"""Issues 14 and 15 (hardening): each defect an adversarial run found, as a test that failed
-before its fix. Real server processes are talked to with raw sockets where the defect lives below
+"""Hardening: each defect an adversarial run found, as a test that failed before its fix. Real server processes are talked to with raw sockets where the defect lives below
 HTTP (slow clients, malformed requests); the rest goes through the Flask test client."""
 from __future__ import annotations
 
@@ -562,3 +561,79 @@ def test_gpu_mismatch_is_logged_and_in_health(runner, monkeypatch, caplog):
     assert "gpu_warning" not in create_app({"device": "cpu"}, runner=runner).test_client().get("/health").get_json()
     monkeypatch.setattr(gpu_check, "nvidia_driver_version", lambda: None)
     assert "gpu_warning" not in create_app({"device": "auto"}, runner=runner).test_client().get("/health").get_json()
+
+
+# -- a slow PDF page holds no generation slot; its render time is bounded ------------------------
+
+
+def _slow_pdf(triangles: int = 2000) -> bytes:
+    """A one-page PDF of ``triangles`` large filled triangles (seconds to draw at 200 dpi)."""
+    import random
+
+    from test_image_utils import handwritten_pdf
+
+    rnd = random.Random(0)
+    ops = b"".join(b"%d %d m %d %d l %d %d l h f\n" % tuple(rnd.randrange(600 if i % 2 == 0 else 840) for i in range(6))
+                   for _ in range(triangles))
+    return handwritten_pdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+                            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 842] /Contents 4 0 R >>",
+                            b"<< /Length %d >>\nstream\n" % len(ops) + ops + b"\nendstream"])
+
+
+def test_a_slow_pdf_page_is_rendered_without_holding_the_slot(runner):
+    from server import create_app
+
+    from image_utils import PDFIUM_LOCK
+
+    app = create_app({}, runner=runner)  # --max-batch-size 1: one generation slot
+    slow = base64.b64encode(_slow_pdf()).decode()
+    results = {}
+    rendering = threading.Thread(target=lambda: results.__setitem__("pdf", app.test_client().post(
+        "/ocr", json={"image": slow, "image_format": "base64", "max_new_tokens": 2})))
+    rendering.start()
+    try:
+        wait_for(PDFIUM_LOCK.locked, what="the PDF page rendering")
+        meanwhile = app.test_client().post("/ocr", json={"image": PAGE, "image_format": "base64",
+                                                         "prompt_type": "prompt_ocr", "max_new_tokens": 2})
+        still_rendering = PDFIUM_LOCK.locked()
+    finally:
+        rendering.join(120)
+    assert meanwhile.status_code == 200, meanwhile.get_json()  # not 429: the render held no slot
+    assert still_rendering  # the other request was served while the page was being drawn
+    assert results["pdf"].status_code == 200
+    assert app.extensions["dots_ocr"].lock.running == 0
+
+
+def test_the_pdf_render_time_is_bounded_by_its_flag(runner):
+    from server import create_app, parse_args
+
+    assert parse_args([]).pdf_render_timeout == 15.0 and parse_args(["--pdf-render-timeout", "2"]).pdf_render_timeout == 2
+    app = create_app({"pdf_render_timeout": 0.3}, runner=runner)
+    started = time.monotonic()
+    response = app.test_client().post("/ocr", json={"image": base64.b64encode(_slow_pdf(6000)).decode(),
+                                                    "image_format": "base64"})
+    assert response.status_code == 413
+    assert "took longer than the limit of 0.3 s" in response.get_json()["error"]
+    assert time.monotonic() - started < 10  # the drawing of a page that takes far longer was stopped
+
+
+# -- after a soak of mixed requests, threads and memory go back down ------------------------------
+
+
+def test_threads_and_memory_return_near_their_start_after_a_soak(tiny_ckpt, tmp_path):
+    from serverproc import page_png, process_figures
+    from soak import one_request, soak
+
+    with running_server_process(tiny_ckpt, log_dir=tmp_path) as server:
+        page = base64.b64encode(page_png()).decode()
+        for kind in ("plain", "stream"):  # warm both paths (the libraries' one-off allocations)
+            one_request(server.url, kind, page, 0.3)
+        before = process_figures(server.proc.pid)
+        outcomes = soak(server.url, 48, 8, 0.3)
+        time.sleep(1.5)  # idle: the last busy period has ended
+        idle = process_figures(server.proc.pid)
+    assert sum(count for kind, count in outcomes.items() if kind.endswith(":200")) >= 40, outcomes
+    # each of the 80 request threads used to keep a team of torch's CPU threads (+1 thread per
+    # request thread that ever prepared a page), and the busy periods' memory stayed resident
+    assert idle["threads"] - before["threads"] <= 4, (before, idle)
+    assert idle["rss_bytes"] - before["rss_bytes"] < 60 * 2**20, (before, idle)

@@ -165,11 +165,11 @@ def test_public_api_names():
     assert ImageInputError("big", status=413).status == 413
     policy = ImagePolicy()
     assert policy.image_root is None and policy.allow_private_urls is False
-    assert policy.max_image_pixels == 60_000_000
+    assert policy.max_image_pixels == 100_000_000
     assert policy.max_download_bytes == 50 * 1024 * 1024
     assert (policy.url_connect_timeout, policy.url_read_timeout, policy.max_redirects) == (5, 20, 3)
     assert (policy.pdf_dpi, policy.max_pdf_pages, policy.max_model_pixels) == (200, 2000, 11_289_600)
-    assert (policy.url_total_timeout, policy.pdf_render_timeout) == (120, 30)
+    assert (policy.url_total_timeout, policy.pdf_render_timeout) == (120, 15)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,9 +273,9 @@ def test_sample_png_from_disk():
 
 
 def test_bomb_rejected_from_header_before_decoding():
-    # 9000 x 9000 = 81 Mpx: above our 60 Mpx cap, below Pillow's own limit.
-    err = expect_error(413, "Image too large: 9000 x 9000 pixels exceeds the limit of 60000000", load_b64,
-                       png_with_header_size(9000, 9000))
+    # 11000 x 10000 = 110 Mpx: above our 100 Mpx cap, below Pillow's own limit (2 x 89.5 Mpx).
+    err = expect_error(413, "Image too large: 11000 x 10000 pixels exceeds the limit of 100000000", load_b64,
+                       png_with_header_size(11000, 10000))
     assert "could not decode" not in err.message.lower()
     # 100000 x 100000: Pillow's own guard fires inside Image.open; still a clean 413.
     expect_error(413, "Image too large", load_b64, png_with_header_size(100_000, 100_000))
@@ -285,10 +285,10 @@ def test_bomb_rejected_from_header_before_decoding():
 
 
 def test_real_compressed_bomb_rejected():
-    # A genuine 1-bit 8000 x 8000 PNG (64 Mpx) that compresses to a few kB.
-    data = encode(Image.new("1", (8000, 8000), 1), "PNG", optimize=False)
-    assert len(data) < 200_000
-    expect_error(413, "8000 x 8000 pixels", load_b64, data)
+    # A genuine 1-bit 10500 x 10500 PNG (110 Mpx) that compresses to a few kB.
+    data = encode(Image.new("1", (10500, 10500), 1), "PNG", optimize=False)
+    assert len(data) < 300_000
+    expect_error(413, "10500 x 10500 pixels", load_b64, data)
 
 
 def test_truncated_and_non_images():

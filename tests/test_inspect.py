@@ -91,7 +91,7 @@ def test_busy_server_answers_429_and_the_slot_is_released(app, client, page_b64)
 @pytest.mark.parametrize("fields, message", [
     ({"image": ""}, "No image data provided"),
     ({"prompt_type": "nope"}, "Invalid prompt_type"),
-    ({"span": [0, 1], "char_span": [0, 1]}, "not both"),
+    ({"span": [0, 1], "char_span": [0, 1]}, "Give one of"),
     ({"span": [3, 2]}, "Invalid 'span'"),
     ({"span": [0, 99]}, "the answer has"),
     ({"char_span": [500, 600]}, "outside the answer"),

@@ -18,7 +18,6 @@ from dots_ocr_server.layout import (
     normalize_formula,
     parse_layout,
     postprocess_response,
-    scale_bbox,
     scale_cells,
     visualize_png_base64,
     visualize_response,
@@ -385,20 +384,21 @@ def test_scale_cells_sizes(model_size, orig):
     assert cells[0]["bbox"] == [0, 0, w_in, h_in]  # input untouched
 
 
-def test_scale_bbox_rounds():
-    assert scale_bbox([1, 1, 3, 5], (4, 8), (6, 12)) == [2, 2, 5, 8]  # 1.5 -> 2, 4.5 -> 5, 7.5 -> 8
-    assert scale_bbox([1, 1, 9, 9], (2, 2), (3, 3)) == [2, 2, 3, 3]  # clamped to the page
-    assert scale_bbox([10, 20, 30, 40], (100, 100), (100, 100)) == [10, 20, 30, 40]
+def test_cells_use_the_one_box_mapping():
+    """The same mapping as a client's box takes back from the model's pixels (the ceiling of the
+    exact scale), whatever the caller: server, batch job, client."""
+    from image_utils import to_original_coords
+
+    for box, model, orig in (([1, 1, 3, 5], (4, 8), (6, 12)), ([7, 13, 640, 470], (644, 476), (1000, 740)),
+                             ([10, 20, 30, 40], (100, 100), (100, 100))):
+        assert scale_cells([cell(box)], model, orig)[0]["bbox"] == to_original_coords(box, model, orig)
+    assert scale_cells([cell([1, 1, 3, 5])], (4, 8), (6, 12))[0]["bbox"] == [2, 2, 5, 8]  # 1.5 -> 2, 4.5 -> 5, 7.5 -> 8
 
 
-def test_scale_cells_custom_mapper_is_clamped():
-    def mapper(bbox, model_size, orig_size):
-        return [v * 10 - 50 for v in bbox]
-
-    out = scale_cells([cell([1, 2, 300, 400])], (100, 100), (1000, 1000), to_original=mapper)
-    assert out[0]["bbox"] == [0, 0, 1000, 1000]
-    out = scale_cells([cell([30, 40, 20, 10])], (100, 100), (100, 100),
-                      to_original=lambda b, m, o: b)
+def test_scale_cells_orders_and_clamps():
+    out = scale_cells([cell([1, 2, 300, 400])], (100, 100), (1000, 1000))
+    assert out[0]["bbox"] == [10, 20, 1000, 1000]
+    out = scale_cells([cell([30, 40, 20, 10])], (100, 100), (100, 100))
     assert out[0]["bbox"] == [20, 10, 30, 40]
 
 

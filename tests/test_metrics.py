@@ -1,5 +1,5 @@
 """GET /metrics (Prometheus text, parsed with prometheus_client's parser), request ids, the
-access line and JSON logs (issue 12). In-process on the tiny checkpoint."""
+access line and JSON logs. In-process on the tiny checkpoint."""
 import json
 import logging
 
@@ -53,16 +53,17 @@ def test_counters_and_histograms_move_with_requests(client, page_path):
     reasons = [a["done_reason"] for a in answers]
     for reason in set(reasons):
         assert moved("dots_ocr:request_success_total", finished_reason=reason,
-                     prompt_type="prompt_ocr") == reasons.count(reason)
-    assert moved("dots_ocr:generation_tokens_total") == sum(a["eval_count"] for a in answers)
-    assert moved("dots_ocr:prompt_tokens_total") == sum(a["prompt_eval_count"] for a in answers)
+                     prompt_type="prompt_ocr", route="/ocr") == reasons.count(reason)
+    assert moved("dots_ocr:generation_tokens_total", route="/ocr") == sum(a["eval_count"] for a in answers)
+    assert moved("dots_ocr:prompt_tokens_total", route="/ocr") == sum(a["prompt_eval_count"] for a in answers)
     for name in ("e2e_request_latency_seconds", "time_to_first_token_seconds", "request_image_load_time_seconds",
                  "request_vision_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
                  "request_queue_time_seconds", "time_per_output_token_seconds"):
-        assert moved(f"dots_ocr:{name}_count") == 2, name
-        assert moved(f"dots_ocr:{name}_bucket", le="+Inf") == 2, name
+        assert moved(f"dots_ocr:{name}_count", route="/ocr") == 2, name
+        assert moved(f"dots_ocr:{name}_bucket", le="+Inf", route="/ocr") == 2, name
     # the e2e histogram's sum covers the Ollama total_duration of both answers (ns -> s)
-    assert moved("dots_ocr:e2e_request_latency_seconds_sum") >= sum(a["total_duration"] for a in answers) / 1e9 * 0.99
+    assert moved("dots_ocr:e2e_request_latency_seconds_sum", route="/ocr") >= \
+        sum(a["total_duration"] for a in answers) / 1e9 * 0.99
     assert _value(after, "dots_ocr:model_loaded") == 1
     assert _value(after, "dots_ocr:model_load_time_seconds") > 0
     assert ("dots_ocr:gpu_memory_used_bytes", ()) not in after  # CPU: no GPU gauges
@@ -89,8 +90,8 @@ def test_busy_errors_and_gauges(app, client, page_path, runner):
                                   ("500", "/ocr", "POST")):
         assert _value(after, "dots_ocr:http_requests_total", route=route, method=method, status=status) == \
             _value(before, "dots_ocr:http_requests_total", route=route, method=method, status=status) + 1
-    assert _value(after, "dots_ocr:request_generation_errors_total", prompt_type="prompt_ocr") == \
-        _value(before, "dots_ocr:request_generation_errors_total", prompt_type="prompt_ocr") + 1
+    assert _value(after, "dots_ocr:request_generation_errors_total", prompt_type="prompt_ocr", route="/ocr") == \
+        _value(before, "dots_ocr:request_generation_errors_total", prompt_type="prompt_ocr", route="/ocr") + 1
 
 
 def test_a_stream_closed_early_counts_as_cancelled(client, page_path):
@@ -100,8 +101,9 @@ def test_a_stream_closed_early_counts_as_cancelled(client, page_path):
     response.close()
     after = _scrape(client)
     assert _value(after, "dots_ocr:request_success_total", finished_reason="cancelled",
-                  prompt_type="prompt_layout_all_en") - _value(
-        before, "dots_ocr:request_success_total", finished_reason="cancelled", prompt_type="prompt_layout_all_en") == 1
+                  prompt_type="prompt_layout_all_en", route="/ocr") - _value(
+        before, "dots_ocr:request_success_total", finished_reason="cancelled", prompt_type="prompt_layout_all_en",
+        route="/ocr") == 1
 
 
 def test_each_app_has_its_own_registry_metrics_is_open_and_can_be_off(runner, page_path):

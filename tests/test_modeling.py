@@ -83,7 +83,7 @@ def _prompt(tokenizer, grid_thw, text="Extract the text content from this image.
 
 
 def _expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Names and shapes from the MODEL.md section 4 tables, for the tiny sizes."""
+    """Names and shapes of the released checkpoint's tensors, for the tiny sizes."""
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     head_dim = hidden // config["num_attention_heads"]
     kv = config["num_key_value_heads"] * head_dim
@@ -486,7 +486,7 @@ def test_float32_and_bfloat16_models_run(sharded_ckpt, model, tokenizer, image_p
 
 
 # ------------------------------------------------------------------------------------------------
-# structure of the release and an independent re-derivation of the vision math (MODEL.md section 5)
+# structure of the release and an independent re-derivation of the vision math
 # ------------------------------------------------------------------------------------------------
 
 
@@ -496,7 +496,7 @@ def test_release_config_builds_the_release_structure():
         release = DotsOCRForCausalLM(config)
     total = sum(p.numel() for p in release.parameters())
     vision = sum(p.numel() for p in release.vision_tower.parameters())
-    assert (total, vision) == (3_039_179_264, 1_262_091_264)  # MODEL.md section 2.3
+    assert (total, vision) == (3_039_179_264, 1_262_091_264)  # the released parameter counts
     assert release.vision_tower.attn_implementation == "sdpa"  # not the json's "flash_attention_2"
 
 

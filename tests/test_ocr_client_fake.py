@@ -280,7 +280,7 @@ def test_content_detection_and_same_stem_names(fake, inputs, tmp_path):
     assert pages == [1, 2] and len(fake.requests) == 3
 
 
-# -- the dots.mocr prompt types (issue 11) -------------------------------------------------------
+# -- the dots.mocr prompt types ----------------------------------------------------------------
 
 
 def _typed_answer(body: dict):

@@ -1,4 +1,4 @@
-"""The OpenAI routes (issue 10): Flask test-client tests of the protocol, SlotPool's FIFO queue,
+"""The OpenAI routes: Flask test-client tests of the protocol, SlotPool's FIFO queue,
 then a real server (waitress) driven by the official ``openai`` package and by raw HTTP, and
 Schemathesis against ``/openapi.json``."""
 from __future__ import annotations
@@ -101,7 +101,7 @@ def test_usage_counts_the_tokens(client, runner):
     assert all(entry["bytes"] == list(entry["token"].encode()) for entry in content)
     image = Image.open(io.BytesIO(PNG))
     turns = [{"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": PLACEHOLDER + OCR_PROMPT}]}]
-    assert usage["prompt_tokens"] == runner.prepare(image, None, messages=turns)["input_ids"].shape[1]
+    assert usage["prompt_tokens"] == runner.processor.page_inputs(image, None, messages=turns).tensors["input_ids"].shape[1]
 
 
 def test_system_prompt_reaches_the_model(client, runner):
@@ -175,32 +175,30 @@ def test_seed_is_reproducible(client):
 def test_parameters_reach_the_runner(client, runner, monkeypatch):
     """Each OpenAI parameter becomes the runner's argument of the same meaning; OpenAI's defaults
     for those left out; max tokens capped at --max-new-tokens-limit (upstream asks 32768)."""
-    seen = []
-    original = runner.stream_pieces
+    from forcing import StartSpy
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "stream_pieces", spy)
+    spy = StartSpy(runner, monkeypatch)
     assert chat(client, max_completion_tokens=None, temperature=None).status_code == 200
     assert chat(client, max_completion_tokens=3, max_tokens=9, temperature=0.7, top_p=0.5, seed=-1,
                 repetition_penalty=1.05, frequency_penalty=0.5, presence_penalty=-0.5, logprobs=True,
                 top_logprobs=3).status_code == 200
-    assert chat(client, max_completion_tokens=32768, temperature=0.00001).status_code == 200
-    defaults, given, capped = seen
-    assert defaults["temperature"] == 1.0 and defaults["top_p"] == 1.0 and defaults["seed"] is None
-    assert defaults["max_new_tokens"] == 24000 and defaults["logprobs"] is None
-    assert (defaults["repetition_penalty"], defaults["frequency_penalty"], defaults["presence_penalty"]) == (1, 0, 0)
-    assert given["max_new_tokens"] == 3 and given["temperature"] == 0.7 and given["top_p"] == 0.5
-    assert given["seed"] == 2**64 - 1 and given["logprobs"] == 3
-    assert (given["repetition_penalty"], given["frequency_penalty"], given["presence_penalty"]) == (1.05, 0.5, -0.5)
-    assert capped["max_new_tokens"] == 24000 and capped["temperature"] == 0.0
-    assert given["messages"][0]["content"][1]["text"] == PLACEHOLDER + OCR_PROMPT
+    assert chat(client, max_completion_tokens=32768, temperature=0).status_code == 200
+    defaults, given, capped = spy.requests
+    assert defaults.decoding.temperature == 1.0 and defaults.decoding.top_p == 1.0 and defaults.decoding.seed is None
+    assert defaults.max_new_tokens == 24000 and defaults.decoding.logprobs is None
+    d = defaults.decoding
+    assert (d.repetition_penalty, d.frequency_penalty, d.presence_penalty) == (1, 0, 0)
+    g = given.decoding
+    assert given.max_new_tokens == 3 and g.temperature == 0.7 and g.top_p == 0.5
+    assert g.seed == 2**64 - 1 and g.logprobs == 3
+    assert (g.repetition_penalty, g.frequency_penalty, g.presence_penalty) == (1.05, 0.5, -0.5)
+    assert capped.max_new_tokens == 24000 and capped.decoding.temperature == 0.0
+    assert given.prompt.messages[0]["content"][1]["text"] == PLACEHOLDER + OCR_PROMPT
+    assert given.prompt.prompt_type is None
 
 
 def test_repetition_guard_is_length_with_stop_reason(client, runner, monkeypatch):
-    monkeypatch.setattr(runner, "repetition_window", 64)
+    monkeypatch.setattr(runner.generator, "repetition_window", 64)
     body = chat(client, messages=upstream_messages(layout_only_prompt()), max_completion_tokens=2000).get_json()
     choice = body["choices"][0]
     assert choice["finish_reason"] == "length" and choice["stop_reason"] == "repetition"
@@ -208,19 +206,24 @@ def test_repetition_guard_is_length_with_stop_reason(client, runner, monkeypatch
 
 
 def test_error_mid_stream_is_an_error_event(client, runner, monkeypatch):
-    original = runner.stream_pieces
+    original = runner.start
 
-    def failing(*args, **kwargs):
-        pieces = original(*args, **kwargs)
-        try:
-            for piece in pieces:
+    class Failing:
+        """The real handle, whose pieces fail right after the first text (the stream's first chunk)."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def pieces(self):
+            for piece in self.handle.pieces():
                 yield piece
-                if piece.text:  # the first text is the stream's first chunk: fail right after it
+                if piece.text:
                     raise RuntimeError("the device fell over")
-        finally:
-            pieces.close()
 
-    monkeypatch.setattr(runner, "stream_pieces", failing)
+    monkeypatch.setattr(runner, "start", lambda request, stats=None: Failing(original(request, stats)))
     events = sse_events(chat(client, max_completion_tokens=20, stream=True).get_data(as_text=True))
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error"
@@ -274,7 +277,7 @@ def test_error_statuses_and_shapes(runner):
     assert_openai_error(client.post("/v1/chat/completions", headers=auth, data="{"), 400)
     big = client.post("/v1/chat/completions", headers=auth, json={"messages": upstream_messages("x" * 20000)})
     assert assert_openai_error(big, 413)["code"] == "request_too_large"
-    # /ocr keeps API.md's error shape
+    # /ocr keeps the dots.ocr API document's error shape
     assert client.post("/ocr", json={"image": "x"}).get_json()["error"] == (
         "Unauthorized: send 'Authorization: Bearer <api key>'")
 
@@ -282,9 +285,17 @@ def test_error_statuses_and_shapes(runner):
 def test_openapi_document_describes_every_route(client):
     doc = client.get("/openapi.json").get_json()
     assert doc["openapi"].startswith("3.1")
-    for path, method in [("/health", "get"), ("/ocr", "post"), ("/v1/chat/completions", "post"),
-                         ("/v1/models", "get")]:
-        assert method in doc["paths"][path]
+    # every JSON route (the jobs' too, when they are on)
+    import re
+
+    json_routes = {(re.sub(r"<\w+:", "<", rule.rule), method.lower())
+                   for rule in client.application.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}
+                   if rule.endpoint not in ("static", "ui.page", "ui.page_slash", "ui.static", "metrics.metrics_route",
+                                            "openai._unknown_route")}
+    documented = {(path.replace("{", "<").replace("}", ">"), method) for path, item in doc["paths"].items()
+                  for method in item}
+    assert json_routes <= documented, json_routes - documented
+    assert {"/inspect", "/ui/render", "/ui/config"} <= set(doc["paths"])
     schemas = doc["components"]["schemas"]
     assert "messages" in schemas["ChatCompletionRequest"]["properties"]
     assert "prompt_ocr" in schemas["OCRRequest"]["properties"]["prompt_type"]["enum"]
@@ -441,7 +452,7 @@ def test_sdk_exceptions(sdk, server):
 
 def test_sdk_calls_queue_behind_a_busy_server(sdk, server):
     """Both slots busy: 64 concurrent SDK calls (upstream's parser sends 64) wait in the queue; the
-    next one gets RateLimitError (429 past --max-queue) and /ocr gets API.md's 429 at once; all 64
+    next one gets RateLimitError (429 past --max-queue) and /ocr gets its 429 at once; all 64
     complete once the slots free."""
     import openai
 

@@ -1,4 +1,4 @@
-"""The dots.mocr prompt types through the whole server path (issue 11): the tiny model is made to
+"""The dots.mocr prompt types through the whole server path: the tiny model is made to
 say a hand-written answer token by token (a forward hook on lm_head), so the real prompt
 building, generation, streaming and post-processing all run; then `postprocess` and `visualize`
 are checked against what the answer holds, mapped back to the original image."""
@@ -22,7 +22,7 @@ def page_path(page_image, tmp_path):
 def _say(runner, answer: str) -> ForcedTokens:
     """Greedy (and sampled) decoding emits exactly ``answer``, then eos."""
     ids = runner.processor.tokenizer.encode(answer, add_special_tokens=False)
-    eos = sorted(runner._eos_ids())[0]
+    eos = sorted(runner.generator.eos_ids)[0]
     assert runner.processor.tokenizer.decode(ids) == answer  # the tiny vocabulary spells it
     return ForcedTokens(runner.model, lambda step: ids[step] if step < len(ids) else eos)
 
@@ -39,7 +39,7 @@ def _png(data: str) -> Image.Image:
 
 
 def test_web_parsing_gets_layout_postprocess_and_drawing(client, runner, page_path, page_image):
-    model_w, model_h = runner.model_input_size(*page_image.size)
+    model_w, model_h = runner.processor.model_input_size(*page_image.size)
     answer = json.dumps([{"bbox": [0, 0, model_w, model_h // 2], "category": "Title", "text": "# Shop"},
                          {"bbox": [0, model_h // 2, model_w, model_h], "category": "Text", "text": "Buy now"}])
     with _say(runner, answer):
@@ -56,7 +56,7 @@ def test_web_parsing_gets_layout_postprocess_and_drawing(client, runner, page_pa
 
 
 def test_scene_spotting_gives_quads_in_original_pixels(client, runner, page_path, page_image):
-    model_w, model_h = runner.model_input_size(*page_image.size)
+    model_w, model_h = runner.processor.model_input_size(*page_image.size)
     answer = (f"(0, 0), ({model_w}, 0), ({model_w}, {model_h}), (0, {model_h}) EXIT\n"
               f"(2, 4), (30, 4), (30, 20), (2, 20) Gate 7")
     with _say(runner, answer):
@@ -135,20 +135,15 @@ def test_prompt_field_validation_names_the_field(client, page_path, body, messag
 ])
 def test_default_temperature_per_prompt_type(client, runner, page_path, monkeypatch, prompt_type, extra, sent,
                                              expected):
-    seen = {}
-    real = runner.stream_pieces
+    from forcing import StartSpy
 
-    def spy(image, prompt_type, **kwargs):
-        seen["temperature"] = kwargs["temperature"]
-        kwargs["max_new_tokens"] = 1
-        return real(image, prompt_type, **kwargs)
-
-    monkeypatch.setattr(runner, "stream_pieces", spy)
+    spy = StartSpy(runner, monkeypatch)
+    spy.change = {"max_new_tokens": 1}
     body = {"image": str(page_path), "prompt_type": prompt_type, **extra}
     if sent is not None:
         body["temperature"] = sent
     assert client.post("/ocr", json=body).status_code == 200
-    assert seen["temperature"] == expected
+    assert spy.last.decoding.temperature == expected
 
 
 def test_health_lists_every_prompt_type(client):

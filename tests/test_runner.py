@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from forcing import FailsAtStep, ForcedTokens, aperiodic, plain_token_ids
-from model_runner.runner import (GenerationInputError, GenerationStats, ModelRunner, RepetitionGuard,
-                                 resolve_dtype)
+from model_runner.loading import resolve_dtype
+from model_runner.runner import GenerationInputError, GenerationStats, ModelRunner, RepetitionGuard
 
 
 def _generation_threads():
@@ -72,9 +72,9 @@ def test_a_wake_interval_gives_the_same_answer_in_fewer_pieces(runner, page_imag
 def test_a_reader_behind_collects_the_rest_without_waiting(runner, page_image, monkeypatch):
     """A full piece (``MAX_TOKENS_PER_PIECE`` tokens) means more may be waiting: the next piece is
     collected at once, not after another wake interval."""
-    import model_runner.runner as runner_module
+    import model_runner.generation as generation
 
-    monkeypatch.setattr(runner_module, "MAX_TOKENS_PER_PIECE", 4)
+    monkeypatch.setattr(generation, "MAX_TOKENS_PER_PIECE", 4)
     ids = plain_token_ids(runner, 30)
     release = threading.Event()
     held = _held_after_first_token(ids, 1)
@@ -119,7 +119,7 @@ def test_length_finish_reason_and_token_budget(runner, page_image):
 
 
 def test_eos_finish_reason(runner, page_image):
-    eos = sorted(runner._eos_ids())[-1]  # <|endofassistant|> also ends generation
+    eos = sorted(runner.generator.eos_ids)[-1]  # <|endofassistant|> also ends generation
     ids = plain_token_ids(runner, 3)
     with ForcedTokens(runner.model, lambda step: eos if step == 3 else ids[step]):
         result = runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=50)
@@ -212,7 +212,7 @@ def test_bf16_and_fp32_both_run(tiny_ckpt, page_image):
 
 def test_grounding_maps_bbox_into_the_prompt(runner, page_image, rendered_prompt):
     runner.generate(page_image, "prompt_grounding_ocr", bbox=[0, 0, 220, 300], temperature=0, max_new_tokens=2)
-    width, height = runner.model_input_size(*page_image.size)
+    width, height = runner.processor.model_input_size(*page_image.size)
     assert rendered_prompt["prompt"].endswith(f"Bounding Box:\n[0, 0, {width}, {height}]")
 
 

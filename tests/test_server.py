@@ -1,5 +1,5 @@
 """server.py in-process (Flask test client) on the tiny checkpoint: every documented behaviour
-of API.md and every bad input, with the processing lock checked after each."""
+of the dots.ocr API document and every bad input, with the processing lock checked after each."""
 import base64
 import datetime as dt
 import io
@@ -13,7 +13,7 @@ from forcing import FailsAtStep, ForcedTokens, plain_token_ids
 from serverproc import wait_until_loaded
 from server import BUSY_MESSAGE, ServerConfig, create_app, main, parse_args
 
-# issue 12: every answer ends with how it ended and what it cost (Ollama's names, after API.md's fields)
+# every answer ends with how it ended and what it cost (Ollama's names, after the documented fields)
 STATISTICS = ["done_reason", "total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
               "eval_count", "eval_duration"]
 
@@ -46,7 +46,7 @@ def _ocr(client, **body):
 
 
 def _error_body(response):
-    """An error body without its request_id (issue 12), which must be the response's X-Request-Id."""
+    """An error body without its request_id, which must be the response's X-Request-Id."""
     body = dict(response.get_json())
     assert body.pop("request_id") == response.headers["X-Request-Id"]
     return body
@@ -119,18 +119,16 @@ def test_ocr_path_json_response(app, client, page_path):
 
 
 def test_defaults(app, client, page_path, runner, monkeypatch):
-    seen = {}
-    original = runner.stream_pieces
+    from forcing import StartSpy
 
-    def spy(image, prompt_type, **kwargs):
-        seen.update(kwargs, prompt_type=prompt_type)
-        return original(image, prompt_type, **{**kwargs, "max_new_tokens": 2})
-
-    monkeypatch.setattr(runner, "stream_pieces", spy)
+    spy = StartSpy(runner, monkeypatch)
+    spy.change = {"max_new_tokens": 2}
     response = client.post("/ocr", json={"image": str(page_path)})
     assert response.status_code == 200
     assert response.get_json()["prompt_type"] == "prompt_layout_all_en"
-    assert seen["temperature"] == 0.1 and seen["top_p"] == 1.0 and seen["max_new_tokens"] == 12000
+    seen = spy.last
+    assert seen.prompt.prompt_type == "prompt_layout_all_en"
+    assert seen.decoding.temperature == 0.1 and seen.decoding.top_p == 1.0 and seen.max_new_tokens == 12000
 
 
 @pytest.mark.parametrize("prompt_type", ["prompt_layout_all_en", "prompt_layout_only_en", "prompt_ocr"])
@@ -430,7 +428,7 @@ def test_max_new_tokens_limit_from_config(runner, page_path):
     assert response.status_code == 400 and "max_new_tokens" in response.get_json()["error"]
 
 
-# -- documents and post-processing (issue 5) ------------------------------------------------------
+# -- documents and post-processing -------------------------------------------------------------
 
 DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "samples"
 
@@ -473,17 +471,13 @@ def test_broken_pdf_is_400(app, client):
 
 def _answer_with(runner, monkeypatch, answer: str):
     """Make the runner 'say' ``answer`` (after running its real input preparation)."""
-    from model_runner.decoding import Piece
+    from forcing import script_answer
 
-    def fake_stream(image, prompt_type, *, stats, bbox=None, question=None, **kwargs):
-        runner.prepare(image, prompt_type, bbox, stats, question=question)
-        yield from (Piece(answer[i:i + 7]) for i in range(0, len(answer), 7))
-
-    monkeypatch.setattr(runner, "stream_pieces", fake_stream)
+    script_answer(runner, monkeypatch, answer)
 
 
 def test_postprocess_maps_boxes_to_original_pixels(client, runner, page_path, page_image, monkeypatch):
-    model_w, model_h = runner.model_input_size(*page_image.size)
+    model_w, model_h = runner.processor.model_input_size(*page_image.size)
     answer = json.dumps([
         {"bbox": [0, 0, model_w, model_h // 2], "category": "Title", "text": "# Hello"},
         {"bbox": [10, model_h // 2, model_w - 10, model_h], "category": "Picture"},

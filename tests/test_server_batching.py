@@ -1,6 +1,6 @@
-"""The server's generation slots (issue 8): ``--max-batch-size N`` lets N /ocr requests generate
+"""The server's generation slots: ``--max-batch-size N`` lets N /ocr requests generate
 together, request N+1 gets 429 with Retry-After, /health reports ``max_batch_size`` and
-``running``; at the default N = 1 the behaviour is API.md's single processing lock.
+``running``; at the default N = 1 the behaviour is the single processing lock of the dots.ocr API document.
 
 Generation is held still by a forward hook on the model's lm_head that waits on an Event (on the
 engine's loop thread): the requests in flight stay in flight for exactly as long as the test

@@ -176,7 +176,7 @@ def test_quads_map_back_to_original_pixels():
 
 def test_quads_use_the_given_mapper_and_are_clamped():
     spots = [{"quad": [[7, 7], [700, 7], [700, 500], [7, 500]], "text": "edge"}]
-    out = scale_spots(spots, (644, 476), (1000, 740), to_original=to_original_coords)
+    out = scale_spots(spots, (644, 476), (1000, 740))
     corners = [to_original_coords([x, y, x, y], (644, 476), (1000, 740))[:2] for x, y in spots[0]["quad"]]
     assert out[0]["quad"] == corners
     assert out[0]["quad"][1] == [1000, 11] and out[0]["quad"][2] == [1000, 740]

@@ -1,4 +1,4 @@
-"""/ocr per-request answers of issue 12: Ollama's statistics, done_reason, seeds, logprobs and the
+"""/ocr per-request answers: Ollama's statistics, done_reason, seeds, logprobs and the
 layout cells' confidence. In-process (Flask test client) on the tiny checkpoint."""
 import json
 import math
@@ -51,7 +51,7 @@ def test_statistics_plain_and_streamed(client, page_path, runner, page_image):
     plain = _ocr(client, image=page_path, max_new_tokens=10, logprobs=True).get_json()
     _assert_sane(plain)
     assert plain["eval_count"] == len(plain["logprobs"])  # one record per generated token
-    assert plain["prompt_eval_count"] == runner.prepare(page_image, "prompt_ocr")["input_ids"].shape[1]
+    assert plain["prompt_eval_count"] == runner.processor.page_inputs(page_image, "prompt_ocr").tensors["input_ids"].shape[1]
     lines = _stream(client, image=page_path, max_new_tokens=10, logprobs=True)
     last = lines[-1]
     _assert_sane(last)
@@ -67,7 +67,7 @@ def test_done_reason_length_and_stop(client, page_path, runner):
     with ForcedTokens(runner.model, lambda step: ids[step % len(ids)]):
         body = _ocr(client, image=page_path, max_new_tokens=5).get_json()
     assert body["done_reason"] == "length" and body["eval_count"] == 5
-    eos = sorted(runner._eos_ids())[0]
+    eos = sorted(runner.generator.eos_ids)[0]
     with ForcedTokens(runner.model, lambda step: eos if step == 3 else ids[step]):
         lines = _stream(client, image=page_path, max_new_tokens=50)
     assert lines[-1]["done_reason"] == "stop" and lines[-1]["eval_count"] == 4
@@ -152,7 +152,7 @@ def test_logprobs_shape_order_and_values(client, page_path, runner, page_image):
         assert top[0]["id"] == token["id"]  # greedy: the chosen token is the most likely
         assert top[0]["logprob"] == pytest.approx(token["logprob"], abs=1e-6)
     # the same numbers as a plain forward pass (transformers' generate scores) on the same prefix
-    inputs = runner.prepare(page_image, "prompt_ocr")
+    inputs = runner.processor.page_inputs(page_image, "prompt_ocr").tensors
     with torch.inference_mode():
         out = runner.model.generate(**inputs, max_new_tokens=len(tokens), do_sample=False, temperature=None,
                                     top_p=None, top_k=None, output_scores=True, return_dict_in_generate=True)
@@ -184,7 +184,7 @@ class SoftForced(ForcedTokens):
 
 
 def _layout_answer(runner, page_image):
-    model_w, model_h = runner.model_input_size(*page_image.size)
+    model_w, model_h = runner.processor.model_input_size(*page_image.size)
     cells = [{"bbox": [0, 0, model_w, model_h // 3], "category": "Title", "text": "Hello wörld"},
              {"bbox": [0, model_h // 3, model_w, model_h // 2], "category": "Picture"},
              {"bbox": [0, model_h // 2, model_w, model_h], "category": "Text", "text": "Second line, ünïcode"}]
@@ -195,7 +195,7 @@ def _layout_answer(runner, page_image):
 def test_every_layout_cell_gets_its_confidence(client, runner, page_path, page_image, stream):
     answer = _layout_answer(runner, page_image)
     tokenizer = runner.processor.tokenizer
-    eos = sorted(runner._eos_ids())[0]
+    eos = sorted(runner.generator.eos_ids)[0]
     ids = tokenizer.encode(answer, add_special_tokens=False) + [eos]
     request = dict(image=page_path, prompt_type="prompt_layout_all_en", postprocess=True, logprobs=True,
                    max_new_tokens=len(ids) + 5)
@@ -232,7 +232,7 @@ def test_every_layout_cell_gets_its_confidence(client, runner, page_path, page_i
         assert 0 < cell["confidence"]["min"] <= cell["confidence"]["mean"] <= 1
     title = answer.index("Hello wörld")
     assert layout[0]["confidence"] == expected(title, title + len("Hello wörld"))
-    picture = answer.index('{"bbox": [0, ' + str(runner.model_input_size(*page_image.size)[1] // 3))
+    picture = answer.index('{"bbox": [0, ' + str(runner.processor.model_input_size(*page_image.size)[1] // 3))
     assert layout[1]["confidence"] == expected(picture, answer.index("}", picture) + 1)
     second = answer.index("Second line")
     assert layout[2]["confidence"] == expected(second, second + len("Second line, ünïcode"))
@@ -241,7 +241,7 @@ def test_every_layout_cell_gets_its_confidence(client, runner, page_path, page_i
 
 def test_confidence_without_logprobs_in_the_answer(client, runner, page_path, page_image):
     answer = _layout_answer(runner, page_image)
-    ids = runner.processor.tokenizer.encode(answer, add_special_tokens=False) + [sorted(runner._eos_ids())[0]]
+    ids = runner.processor.tokenizer.encode(answer, add_special_tokens=False) + [sorted(runner.generator.eos_ids)[0]]
     with SoftForced(runner.model, ids):
         body = _ocr(client, image=page_path, prompt_type="prompt_layout_all_en", postprocess=True,
                     max_new_tokens=len(ids) + 5).get_json()

@@ -26,7 +26,7 @@ def eager_model(tiny_ckpt):
 
 def test_grid_matches_the_prompt_and_the_page(runner, traced, page_image):
     grid = traced.grid
-    inputs = runner.prepare(page_image, "prompt_ocr")
+    inputs = runner.processor.page_inputs(page_image, "prompt_ocr").tensors
     ids = inputs["input_ids"][0]
     pads = (ids == runner.processor.image_token_id).nonzero().flatten().tolist()
     assert pads == list(grid.positions)
@@ -59,7 +59,7 @@ def test_maps_shapes_tokens_and_logprobs(runner, traced, page_image):
     assert traced.heatmap().shape == (traced.grid.rows, traced.grid.cols)
     # the same answer as the runner's own greedy decoding, and the scores generate saw
     assert traced.text == runner.generate(page_image, "prompt_ocr", temperature=0, max_new_tokens=12).text
-    inputs = runner.prepare(page_image, "prompt_ocr")
+    inputs = runner.processor.page_inputs(page_image, "prompt_ocr").tensors
     with torch.inference_mode():
         out = runner.model.generate(**inputs, max_new_tokens=12, do_sample=False, temperature=None, top_p=None,
                                     top_k=None, output_scores=True, return_dict_in_generate=True)
@@ -88,7 +88,7 @@ def test_attention_rows_are_causal_and_normalised():
 def test_recomputed_attention_equals_eager_attention(runner, traced, eager_model, page_image):
     """The runner runs SDPA; eager attention with output_attentions gives the reference rows."""
     assert runner.attn_implementation[0] == "sdpa"
-    inputs = runner.prepare(page_image, "prompt_ocr")
+    inputs = runner.processor.page_inputs(page_image, "prompt_ocr").tensors
     answer = torch.tensor([traced.token_ids])
     ids = torch.cat([inputs["input_ids"], answer], dim=1)
     with torch.inference_mode():
@@ -147,7 +147,7 @@ def test_token_offsets_handle_characters_split_across_tokens(runner):
 
 def test_vision_blocks_on_the_patch_grid(runner, traced, page_image):
     grid = traced.grid
-    inputs = runner.prepare(page_image, "prompt_ocr")
+    inputs = runner.processor.page_inputs(page_image, "prompt_ocr").tensors
     tower = runner.model.vision_tower
     with torch.inference_mode():
         hidden = tower(inputs["pixel_values"], inputs["image_grid_thw"], output_hidden_states=True).hidden_states
@@ -185,7 +185,9 @@ def test_should_stop_ends_the_generated_answer(runner, page_image):
     with pytest.raises(TraceStopped):
         runner.trace(page_image, "prompt_layout_only_en", max_new_tokens=500, layers=[-1],
                      should_stop=stop_after_three)
-    assert len(polls) == 4  # true at the third token's poll (generation ends), then once more to report it
+    # the decoding engine polls it when the request joins and before each decoding step: true at the
+    # third poll, so generation ended after two tokens
+    assert len(polls) == 3
     # a given text is not generated, so there is nothing to stop
     traced = runner.trace(page_image, "prompt_ocr", text="Hello", layers=[-1], should_stop=lambda: True)
     assert traced.text == "Hello"

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from image_utils.policy import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_PDF_RENDER_TIMEOUT_S
 from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS, DEMO_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
 
 
@@ -23,7 +24,7 @@ class ServerConfig:
     allow_private_urls: bool = False
     api_key: str | None = None
     max_body_mb: float = 64.0
-    max_image_pixels: int = 100_000_000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT
     # the answer length of a request that sets none: None = 12000, or 256 in demo mode
     default_max_new_tokens: int | None = None
@@ -35,10 +36,11 @@ class ServerConfig:
     max_queue: int = 64
     stream_interval_ms: float = 10.0  # a stream's lines come at most this often (0: one per token)
     max_pdf_pages: int = 2000
+    pdf_render_timeout: float = DEFAULT_PDF_RENDER_TIMEOUT_S
     max_prompt_chars: int = 4000
     metrics: bool = True  # GET /metrics (Prometheus) and its bookkeeping
     log_format: str = "text"  # text | json (one JSON object per line)
-    # The HTTP server (api/serving.py): slow clients and shutdown (issues 14, 15).
+    # The HTTP server (api/serving.py): slow clients and shutdown.
     connection_limit: int = 1000
     idle_timeout: float = 15.0
     request_timeout: float = 60.0
@@ -97,7 +99,7 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
                        help="CUDA fast path: static KV cache + compiled decode step "
                             "(default: on with CUDA, off on CPU)")),
     ("--threads", dict(type=int, help="request threads (one request runs; the others get 429)")),
-    ("--max-batch-size", dict(type=int, help="requests that generate together (1: one at a time, as API.md)")),
+    ("--max-batch-size", dict(type=int, help="requests that generate together (1: one at a time, as the dots.ocr API document)")),
     ("--torch-threads", dict(type=int, help="torch's intra-op CPU threads (default: torch's, one per core); "
                                            "fewer leaves cores to the request threads on a CPU server")),
     ("--max-queue", dict(type=int, help="/v1 requests that wait for a slot when all are busy (more: 429); "
@@ -106,6 +108,9 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
                                                    "several tokens per line when they come faster (0: a line "
                                                    "per token, at a cost per token that a small model feels)")),
     ("--max-pdf-pages", dict(type=int, help="largest PDF (pages) accepted, checked when it is opened")),
+    ("--pdf-render-timeout", dict(type=float, help="seconds one PDF page may take to open and draw (413 beyond: "
+                                                   "the page is too complex); it is rendered before a generation "
+                                                   "slot is taken")),
     ("--max-prompt-chars", dict(type=int, help="longest `prompt` (question) for prompt_general")),
     ("--metrics", dict(action=argparse.BooleanOptionalAction,
                        help="serve GET /metrics (Prometheus text format; open like /health)")),

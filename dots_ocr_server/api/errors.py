@@ -1,4 +1,5 @@
-"""Errors: the messages API.md fixes, ``RequestError``, and the handlers that make every error JSON."""
+"""The handlers that make every error JSON ``{"error": ...}``; the error type and the fixed
+messages live in ``dots_ocr_server/errors.py`` (re-exported here for the routes)."""
 from __future__ import annotations
 
 import logging
@@ -6,24 +7,13 @@ import logging
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from ..errors import (BUSY_MESSAGE, CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE, MODEL_NAME, NO_IMAGE_MESSAGE,
+                      NOT_LOADED_MESSAGE, SHUTDOWN_MESSAGE, RequestError)
+
+__all__ = ["RequestError", "MODEL_NAME", "BUSY_MESSAGE", "NOT_LOADED_MESSAGE", "NO_IMAGE_MESSAGE",
+           "SHUTDOWN_MESSAGE", "CLIENT_CLOSED", "CLIENT_CLOSED_MESSAGE", "error_response", "register_error_handlers"]
+
 log = logging.getLogger("dots_ocr_server")
-
-MODEL_NAME = "dots-ocr"
-BUSY_MESSAGE = "Server is busy processing another request"
-NOT_LOADED_MESSAGE = "Model not loaded"
-NO_IMAGE_MESSAGE = "No image data provided"
-SHUTDOWN_MESSAGE = "server shutting down"
-CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first" (only logged)
-
-
-class RequestError(Exception):
-    """An error with an HTTP status and a message for the client."""
-
-    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.headers = headers or {}
 
 
 def error_response(message: str, status: int):

@@ -1,4 +1,4 @@
-"""The start-up check for an NVIDIA GPU that torch cannot use (issue 14.5).
+"""The start-up check for an NVIDIA GPU that torch cannot use.
 
 PyPI's Linux torch wheels are CUDA builds (torch 2.14.1: CUDA 13.0), and a CUDA build needs a
 driver at least as new as its CUDA version: with an older driver ``torch.cuda.is_available()`` is

@@ -1,15 +1,12 @@
-"""Request plumbing shared by every route group: the API key, the JSON body, the client-gone
-probe, NDJSON lines."""
+"""Request plumbing shared by every route group: the API key, the JSON body (one reader for every
+route), the client-gone probe, NDJSON lines."""
 from __future__ import annotations
 
 import datetime as _dt
 import hmac
 import json
 import re
-import select
-import socket
 import threading
-import time
 from typing import Any, Callable
 
 from flask import request
@@ -26,40 +23,11 @@ def client_gone_probe(environ) -> Callable[[], bool] | None:
     """A cheap check, for the generation thread, that the HTTP client has closed its connection.
 
     Streams notice a gone client when a write fails; a non-streaming request writes nothing until
-    the end, so it needs to ask the server. waitress (server.py) offers
-    ``environ["waitress.client_disconnected"]`` (it keeps reading the connection while the request
-    runs, api/serving.py). Under gunicorn (``gunicorn 'server:create_app()'``) the socket is in the
-    environ: readable with nothing to read means the peer closed it. No WSGI-level API tells this.
-    """
+    the end, so it needs to ask the server: waitress (api/serving.py) keeps reading the connection
+    while the request runs and offers ``environ["waitress.client_disconnected"]``. No WSGI-level
+    API tells this, so under another WSGI server (a test client) there is no probe (None)."""
     disconnected = environ.get("waitress.client_disconnected")
-    if callable(disconnected):
-        return disconnected
-    sock = environ.get("gunicorn.socket")
-    if not isinstance(sock, socket.socket):
-        return None
-    return _socket_closed_probe(sock)
-
-
-def _socket_closed_probe(sock: socket.socket) -> Callable[[], bool]:
-    last = [0.0]
-    gone = [False]
-
-    def probe() -> bool:
-        now = time.monotonic()
-        if gone[0] or now - last[0] < 0.25:
-            return gone[0]
-        last[0] = now
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if readable and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                gone[0] = True
-        except BlockingIOError:
-            pass
-        except OSError:
-            gone[0] = True
-        return gone[0]
-
-    return probe
+    return disconnected if callable(disconnected) else None
 
 
 def any_of(*checks: Callable[[], bool] | None) -> Callable[[], bool]:

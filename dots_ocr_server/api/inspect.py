@@ -1,9 +1,11 @@
-"""``POST /inspect``: where an answer looked on the page (issue 13).
+"""``POST /inspect``: where an answer looked on the page; an adapter over the page service.
 
 For one page and one answer (``text``, e.g. what ``/ocr`` returned, teacher-forced; or, without
-``text``, a greedy answer generated here) it runs ``runner.trace`` and returns the attention from a
-span of the answer's tokens to the image-token grid, averaged over the chosen layers, heads and
-the span's tokens, with the grid's geometry so that a client can lay it over the page.
+``text``, a greedy answer generated here through the decoding engine like any request, counted in
+``/metrics`` under this route) it traces the answer (``PageService.trace``) and returns the
+attention from a span of the answer's tokens to the image-token grid, averaged over the chosen
+layers, heads and the span's tokens, with the grid's geometry so that a client can lay it over
+the page.
 
 Request (JSON): the page fields of ``/ocr`` (``image``, ``image_format``, ``page``, ``dpi``,
 ``prompt_type``, ``bbox``, ``prompt``; checked by the same code, with the same messages), and
@@ -12,6 +14,8 @@ Request (JSON): the page fields of ``/ocr`` (``image``, ``image_format``, ``page
                           default 0 = greedy)
     span           [s, e] answer tokens [s, e)          } at most one; absent: the whole answer
     char_span      [s, e] answer characters [s, e)      } (code points, as Python indexes str)
+    cell           int    a layout cell of ``text``     } (as postprocess numbers them: the tokens
+                                                          that wrote it, the span of its confidence)
     layers         [int]  decoder layers (negative: from the end); absent: all
     heads          [int]  query heads; absent: all
     average_heads  bool   (default true) average heads while tracing (false: per-head masses too)
@@ -40,7 +44,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import CLIENT_CLOSED, MODEL_NAME, SHUTDOWN_MESSAGE, RequestError
+from .errors import CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE, MODEL_NAME, SHUTDOWN_MESSAGE, RequestError
 from .http import check_api_key, json_body
 from .schemas import OCRRequest, _validation_message, validate_request
 from .state import ServerState
@@ -62,6 +66,7 @@ class InspectOptions(BaseModel):
     text: str | None = None
     span: list[int] | None = None
     char_span: list[int] | None = None
+    cell: int | None = Field(None, ge=0)
     layers: list[int] | None = Field(None, min_length=1, max_length=1024)
     heads: list[int] | None = Field(None, min_length=1, max_length=1024)
     average_heads: bool = True
@@ -99,8 +104,10 @@ def validate_inspect(body: Any, config) -> tuple[OCRRequest, InspectOptions, boo
         options = InspectOptions.model_validate(rest)
     except ValidationError as exc:
         raise RequestError(_validation_message(exc.errors()[0])) from None
-    if options.span is not None and options.char_span is not None:
-        raise RequestError("Give 'span' (tokens) or 'char_span' (characters), not both")
+    if sum(value is not None for value in (options.span, options.char_span, options.cell)) > 1:
+        raise RequestError("Give one of 'span' (tokens), 'char_span' (characters) or 'cell' (a layout cell)")
+    if options.cell is not None and options.text is None:
+        raise RequestError("'cell' needs 'text': the answer whose layout cell to trace")
     return req, options, "temperature" in body
 
 
@@ -118,51 +125,50 @@ def inspect():
     state.refuse_when_shutting_down()
     check_api_key(config)
     req, options, temperature_sent = validate_inspect(json_body(), config)
+    # the answer generated here is greedy unless a temperature is sent
+    page_request = req.page_request(route="/inspect", temperature=None if temperature_sent else 0.0)
+    started = time.perf_counter()
+    state.require_free_slot()
+    page = state.pages.load(page_request.source)
     release = state.take_slot()
     try:
-        should_stop = state.generation_should_stop(request.environ)
-        return jsonify(_run(state, req, options, temperature_sent, should_stop))
+        return jsonify(_run(state, page_request, page, options, request.environ, started))
     finally:
         release()
 
 
-def _count_tokens(runner, text: str) -> int:
-    return len(runner.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _run(state: ServerState, req: OCRRequest, options: InspectOptions, temperature_sent: bool,
-         should_stop=None) -> dict[str, Any]:
-    from image_utils import ImageInputError, load_document
-    from model_runner.runner import GenerationInputError
+def _run(state: ServerState, page_request, page, options: InspectOptions, environ, started: float) -> dict[str, Any]:
     from model_runner.trace import TraceStopped
 
-    from .ocr import _check_bbox_inside
-
-    started = time.perf_counter()
-    runner, limit = state.runner, state.config.max_new_tokens_limit
     try:
-        document = load_document(req.image, req.image_format, state.policy, page=req.page, dpi=req.dpi)
-    except ImageInputError as exc:
-        raise RequestError(exc.message, exc.status) from None
-    _check_bbox_inside(req, document.image.size)
-    if options.text is not None and _count_tokens(runner, options.text) > limit:
-        raise RequestError(f"Invalid 'text': longer than {limit} tokens (the server's --max-new-tokens-limit)")
-    try:
-        result = runner.trace(
-            document.image, req.prompt_type, bbox=req.bbox, question=req.prompt, text=options.text,
-            span=options.span, char_span=options.char_span, layers=options.layers, heads=options.heads,
-            average_heads=options.average_heads, average_span=True, max_new_tokens=min(req.max_new_tokens, limit),
-            temperature=req.temperature if temperature_sent else 0.0, should_stop=should_stop)
-    except GenerationInputError as exc:
-        raise RequestError(str(exc), 400) from None
+        result = state.pages.trace(
+            page_request, page, text=options.text, max_text_tokens=state.config.max_new_tokens_limit,
+            should_stop=state.generation_should_stop(environ), span=options.span,
+            char_span=_cell_span(options) if options.cell is not None else options.char_span,
+            layers=options.layers, heads=options.heads, average_heads=options.average_heads, average_span=True)
     except TraceStopped:
         if state.stop_generation.is_set():
             raise RequestError(SHUTDOWN_MESSAGE, 503) from None
-        raise RequestError("Client closed the connection", CLIENT_CLOSED) from None
-    return _response(result, req, options, document, started)
+        raise RequestError(CLIENT_CLOSED_MESSAGE, CLIENT_CLOSED) from None
+    return _response(result, page_request, options, page, started)
 
 
-def _response(result, req: OCRRequest, options: InspectOptions, document, started: float) -> dict[str, Any]:
+def _cell_span(options: InspectOptions) -> list[int]:
+    """The characters of ``text`` whose tokens wrote layout cell ``cell`` (the cells as
+    ``postprocess`` numbers them): the span its confidence is computed over (layout.confidence)."""
+    from ..layout import cell_spans, parse_layout
+
+    parsed = parse_layout(options.text)
+    if not 0 <= options.cell < len(parsed.cells):
+        raise RequestError(f"Invalid 'cell': {options.cell} is not a layout cell of 'text' "
+                           f"(it has {len(parsed.cells)})", field="cell")
+    span = cell_spans(parsed.cells, options.text)[options.cell]
+    if span is None:
+        raise RequestError(f"Invalid 'cell': cell {options.cell} cannot be found in 'text'", field="cell")
+    return list(span)
+
+
+def _response(result, req, options: InspectOptions, document, started: float) -> dict[str, Any]:
     start, end = result.span
     body: dict[str, Any] = {"model": MODEL_NAME, "prompt_type": req.prompt_type}
     if options.text is None:

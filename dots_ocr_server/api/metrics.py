@@ -1,4 +1,4 @@
-"""``GET /metrics``: Prometheus text format through ``prometheus_client`` (issue 12).
+"""``GET /metrics``: Prometheus text format through ``prometheus_client``.
 
 Metric names follow vLLM's (``vllm:time_to_first_token_seconds`` -> ``dots_ocr:time_to_first_token_seconds``,
 ...) so dashboards carry over. Each app has its own ``CollectorRegistry`` (never the process-wide
@@ -8,20 +8,26 @@ default), so several apps in one process (the tests) do not clash. ``/metrics`` 
 What moves when:
 
 * every response: ``dots_ocr:http_requests_total{route, method, status}`` (route = the URL rule,
-  ``unmatched`` for a 404), and ``dots_ocr:request_busy_rejections_total`` for each 429 of /ocr;
-* every /ocr generation when it ends (also a cancelled or failed one): the histograms, the token
-  counters, and ``dots_ocr:request_success_total{finished_reason, prompt_type}`` (``stop``,
-  ``length``, ``repetition``, ``cancelled``) or ``dots_ocr:request_generation_errors_total``;
-* read at scrape time: running and waiting requests, ``model_loaded``, the model load time, and GPU
-  memory in use and at peak (on a CUDA device only).
+  ``unmatched`` for a 404; a method outside HTTP's own set is ``other``: no label takes a value a
+  client made up), and ``dots_ocr:request_busy_rejections_total`` for each 429 of /ocr;
+* every generation when it ends, from any route (``/ocr``, ``/v1/chat/completions``, ``/inspect``,
+  the document jobs), also a cancelled or failed one: the histograms, the token counters and
+  ``dots_ocr:request_success_total{finished_reason, prompt_type, route}`` (``stop``, ``length``,
+  ``repetition``, ``cancelled``) or ``dots_ocr:request_generation_errors_total{prompt_type, route}``;
+  each with the route as a label (``prompt_type`` is ``chat`` for a /v1 chat). The ServerMetrics
+  is the page service's observer, so no route can forget to count;
+* read at scrape time: running requests, prepared pages waiting to join the batch, /v1 requests
+  waiting in the queue for a slot, ``model_loaded``, the model load time, and GPU memory in use
+  and at peak (on a CUDA device only).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from flask import Blueprint, Flask, Response, current_app, request
 
+from ..pages import PageRun, done_reason
 from . import request_log
 
 bp = Blueprint("metrics", __name__)
@@ -37,9 +43,8 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
 
 # The methods counted by name; any other method a client invents is counted as "other".
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-
-# Ollama's done_reason names (api/ocr.py) for the runner's finish reasons.
-_FINISHED = {"eos": "stop", "length": "length", "repetition": "repetition", "cancelled": "cancelled"}
+# The prompt_type label of a generation that has none (a /v1 chat).
+CHAT_PROMPT_TYPE = "chat"
 
 
 class _StateCollector:
@@ -55,12 +60,12 @@ class _StateCollector:
         yield GaugeMetricFamily("dots_ocr:num_requests_running",
                                 "Requests holding a generation slot (image load, prefill or decoding).",
                                 value=state.lock.running)
-        # The engine's queue of prepared pages waiting to join the decoding batch (behind other
-        # pages' prefill); batching.py keeps it private and has no counter of its own.
-        engine = getattr(runner, "_engine", None)
+        waiting = runner.engine.waiting if state.model_loaded else 0
         yield GaugeMetricFamily("dots_ocr:num_requests_waiting",
-                                "Prepared requests waiting to join the decoding batch.",
-                                value=len(getattr(engine, "_pending", ()) or ()))
+                                "Prepared requests waiting to join the decoding batch.", value=waiting)
+        yield GaugeMetricFamily("dots_ocr:num_requests_queued",
+                                "/v1 requests waiting in the queue for a generation slot (--max-queue).",
+                                value=state.lock.queued)
         yield GaugeMetricFamily("dots_ocr:model_loaded", "1 when the model is loaded and /ocr can run.",
                                 value=1 if state.model_loaded else 0)
         seconds = getattr(runner, "load_seconds", None)
@@ -92,26 +97,32 @@ class ServerMetrics:
                                      ["route", "method", "status"], registry=registry)
         self.busy = Counter("dots_ocr:request_busy_rejections",
                             "/ocr requests answered 429 because every generation slot was taken.", registry=registry)
-        self.success = Counter("dots_ocr:request_success", "Finished generations by done_reason and prompt type.",
-                               ["finished_reason", "prompt_type"], registry=registry)
+        self.success = Counter("dots_ocr:request_success",
+                               "Finished generations by done_reason, prompt type and route.",
+                               ["finished_reason", "prompt_type", "route"], registry=registry)
         self.errors = Counter("dots_ocr:request_generation_errors", "Generations that failed with an error.",
-                              ["prompt_type"], registry=registry)
+                              ["prompt_type", "route"], registry=registry)
         self.prompt_tokens = Counter("dots_ocr:prompt_tokens", "Prompt tokens (image tokens included).",
-                                     registry=registry)
-        self.generation_tokens = Counter("dots_ocr:generation_tokens", "Generated tokens.", registry=registry)
-        self.e2e = histogram("dots_ocr:e2e_request_latency_seconds",
+                                     ["route"], registry=registry)
+        self.generation_tokens = Counter("dots_ocr:generation_tokens", "Generated tokens.", ["route"],
+                                         registry=registry)
+
+        def per_route(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, ["route"], buckets=buckets, registry=registry)
+
+        self.e2e = per_route("dots_ocr:e2e_request_latency_seconds",
                              "From the request's arrival to the end of its answer.", _LATENCY_BUCKETS)
-        self.ttft = histogram("dots_ocr:time_to_first_token_seconds",
+        self.ttft = per_route("dots_ocr:time_to_first_token_seconds",
                               "From the request's arrival to its first generated token.", _STAGE_BUCKETS)
-        self.load = histogram("dots_ocr:request_image_load_time_seconds",
+        self.load = per_route("dots_ocr:request_image_load_time_seconds",
                               "Reading, decoding or rendering the image.", _STAGE_BUCKETS)
-        self.queue = histogram("dots_ocr:request_queue_time_seconds",
+        self.queue = per_route("dots_ocr:request_queue_time_seconds",
                                "Waiting to join the decoding batch.", _STAGE_BUCKETS)
-        self.vision = histogram("dots_ocr:request_vision_time_seconds", "The vision tower.", _STAGE_BUCKETS)
-        self.prefill = histogram("dots_ocr:request_prefill_time_seconds", "The LLM prefill.", _STAGE_BUCKETS)
-        self.decode = histogram("dots_ocr:request_decode_time_seconds",
+        self.vision = per_route("dots_ocr:request_vision_time_seconds", "The vision tower.", _STAGE_BUCKETS)
+        self.prefill = per_route("dots_ocr:request_prefill_time_seconds", "The LLM prefill.", _STAGE_BUCKETS)
+        self.decode = per_route("dots_ocr:request_decode_time_seconds",
                                 "From the first generated token to the last.", _LATENCY_BUCKETS)
-        self.tpot = histogram("dots_ocr:time_per_output_token_seconds",
+        self.tpot = per_route("dots_ocr:time_per_output_token_seconds",
                               "Mean time per output token after the first, one observation per request.",
                               _TPOT_BUCKETS)
         registry.register(_StateCollector(state))
@@ -125,26 +136,27 @@ class ServerMetrics:
         if route == "/ocr" and status == 429:
             self.busy.inc()
 
-    def observe_job(self, job, finished_at: float) -> None:
-        """One /ocr generation that has ended (``api.ocr._Job``; its stats are final)."""
-        stats, prompt_type = job.stats, job.req.prompt_type
-        reason = _FINISHED.get(stats.finish_reason)
-        if reason is None:
-            self.errors.labels(prompt_type=prompt_type).inc()
+    def page_finished(self, run: PageRun) -> None:
+        """One generation that has ended, from any route (the page service's observer)."""
+        stats, route = run.stats, run.request.route
+        prompt_type = run.request.prompt_type or CHAT_PROMPT_TYPE
+        reason = done_reason(stats.finish_reason)
+        if stats.finish_reason not in ("eos", "length", "repetition", "cancelled"):
+            self.errors.labels(prompt_type=prompt_type, route=route).inc()
         else:
-            self.success.labels(finished_reason=reason, prompt_type=prompt_type).inc()
-        self.prompt_tokens.inc(stats.prompt_tokens)
-        self.generation_tokens.inc(stats.new_tokens)
-        self.e2e.observe(finished_at - job.started)
-        self.load.observe(job.load_s)
+            self.success.labels(finished_reason=reason, prompt_type=prompt_type, route=route).inc()
+        self.prompt_tokens.labels(route=route).inc(stats.prompt_tokens)
+        self.generation_tokens.labels(route=route).inc(stats.new_tokens)
+        self.e2e.labels(route=route).observe(time.perf_counter() - run.started)
+        self.load.labels(route=route).observe(run.load_s)
         if stats.ttft_s is not None:
-            self.ttft.observe(job.load_s + stats.ttft_s)
-        self.queue.observe(stats.queue_s)
-        self.vision.observe(stats.vision_s)
-        self.prefill.observe(stats.prefill_s)
-        self.decode.observe(stats.decode_s)
+            self.ttft.labels(route=route).observe(run.load_s + stats.ttft_s)
+        self.queue.labels(route=route).observe(stats.queue_s)
+        self.vision.labels(route=route).observe(stats.vision_s)
+        self.prefill.labels(route=route).observe(stats.prefill_s)
+        self.decode.labels(route=route).observe(stats.decode_s)
         if stats.new_tokens > 1:
-            self.tpot.observe(stats.decode_s / (stats.new_tokens - 1))
+            self.tpot.labels(route=route).observe(stats.decode_s / (stats.new_tokens - 1))
 
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -153,8 +165,10 @@ class ServerMetrics:
 
 
 def install(app: Flask, state) -> ServerMetrics:
-    """Create the app's metrics, count every response, and serve ``GET /metrics``."""
+    """Create the app's metrics, count every response and every generation (as the page
+    service's observer), and serve ``GET /metrics``."""
     metrics = app.extensions[EXTENSION] = ServerMetrics(state)
+    state.pages.observer = metrics
 
     @app.after_request
     def count(response):
@@ -172,17 +186,10 @@ def metrics_route():
     return Response(body, content_type=content_type)
 
 
-def job_observer() -> Callable[[Any], None]:
-    """What /ocr calls once when a generation has ended (captured while the request context is
-    there, since a stream ends after it): the metrics, if on, and the request's access line."""
-    metrics: ServerMetrics | None = current_app.extensions.get(EXTENSION)
+def access_note() -> Callable[[PageRun], None] | None:
+    """A run's ``on_finish`` hook, taken while the request context is there (a stream ends after
+    it): it notes the generation's statistics on the request's access line."""
     scope = request_log.current_scope()
-
-    def finished(job) -> None:
-        now = time.perf_counter()
-        if metrics is not None:
-            metrics.observe_job(job, now)
-        if scope is not None:
-            scope.note_job(job.statistics())
-
-    return finished
+    if scope is None:
+        return None
+    return lambda run: scope.note_job(run.statistics())

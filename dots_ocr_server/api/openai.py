@@ -1,17 +1,18 @@
-"""OpenAI's protocol as a blueprint (issue 10): ``POST /v1/chat/completions``, ``GET /v1/models``
-(and ``GET /v1/models/<id>``), so that upstream's parser and every OpenAI SDK work unchanged.
+"""OpenAI's protocol as a blueprint: ``POST /v1/chat/completions``, ``GET /v1/models`` (and
+``GET /v1/models/<id>``), so that upstream's parser and every OpenAI SDK work unchanged; an
+adapter over the page service (``dots_ocr_server.pages``), like ``/ocr``.
 
-Same model, generation slots, API key, image policy and limits as ``/ocr``. Differences, as
-OpenAI clients expect them:
+Same model, generation slots, API key, image policy, limits and sampling rules as ``/ocr`` (a
+temperature below the minimum is refused on both). Differences, as OpenAI clients expect them:
 
 - a request that finds every slot busy waits in a bounded FIFO line (``--max-queue``) instead
   of getting 429; past the line it gets 429 with ``Retry-After``; a queued request whose client
   hangs up leaves the line at once;
 - errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (handlers of
-  this blueprint only; ``/ocr`` keeps API.md's ``{"error": "..."}``);
+  this blueprint only; ``/ocr`` keeps its ``{"error": "..."}``);
 - streaming is server-sent events of ``chat.completion.chunk`` objects ending with ``[DONE]``.
 
-The chat goes through the checkpoint's chat template (``ModelRunner.prepare(messages=...)``),
+The chat goes through the checkpoint's chat template (``DotsOCRProcessor.page_inputs(messages=...)``),
 as upstream's vLLM server renders it: upstream's text ``<|img|><|imgpad|><|endofimg|>`` + prompt
 is recognised as the image's place, so its prompts reach the model exactly as under vLLM.
 """
@@ -31,8 +32,12 @@ from werkzeug.exceptions import HTTPException
 from image_utils import clip_for_message
 from model_runner.processing import IMAGE_END, IMAGE_PAD, IMAGE_PLACEHOLDER, IMAGE_START
 
+from model_runner.decoding import DecodingOptions
+
+from ..pages import PageRequest, PageRun, PageSource
 from .errors import CLIENT_CLOSED, MODEL_NAME, NOT_LOADED_MESSAGE, SHUTDOWN_MESSAGE, RequestError
 from .http import any_of, check_api_key, json_body, once
+from .metrics import access_note
 from .openai_schemas import (AssistantReply, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                              ChoiceLogprobs, ChunkChoice, Delta, ErrorDetail, ErrorResponse, ImagePart, ModelCard,
                              ModelList, RequestValidationFailed, TextPart, TokenLogprob, TopLogprob, Usage,
@@ -90,10 +95,14 @@ def error_response(message: str, status: int, param: str | None = None, code: st
     return response
 
 
+# The request field the page service names at fault -> where it is in an OpenAI request.
+_FIELD_PARAMS = {"image": "image_url.url", "prompt": "messages", "bbox": "messages"}
+
+
 @bp.errorhandler(RequestError)
 def _request_error(exc: RequestError):
-    return error_response(exc.message, exc.status, getattr(exc, "param", None), getattr(exc, "code", None),
-                          exc.headers)
+    param = getattr(exc, "param", None) or _FIELD_PARAMS.get(exc.field)
+    return error_response(exc.message, exc.status, param, exc.code, exc.headers)
 
 
 @bp.errorhandler(HTTPException)
@@ -112,7 +121,7 @@ def _unexpected(exc: Exception):
 @bp.route("/v1/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def _unknown_route(rest: str):
     """Any other /v1 path or method. A route of its own, because the app-wide 404/405 handlers
-    run for requests no blueprint route matched and would answer in API.md's shape."""
+    run for requests no blueprint route matched and would answer in /ocr's shape."""
     allowed = sorted({m for rule in current_app.url_map.iter_rules()
                       if rule.rule == request.path and rule.endpoint != "openai._unknown_route"
                       for m in rule.methods or () if m not in ("HEAD", "OPTIONS")})
@@ -161,6 +170,10 @@ def chat_completions():
     turns, image_url = chat_turns(req)
     if not state.model_loaded:
         raise OpenAIError(NOT_LOADED_MESSAGE, 500)
+    page_request = _page_request(req, turns, image_url, config)
+    started = time.perf_counter()
+    page = state.pages.load(page_request.source)  # before the queue: a slow fetch holds no slot
+    load_s = time.perf_counter() - started
     # a shutdown stops the queue's waiting and the running generations, as for /ocr
     should_stop = state.generation_should_stop(request.environ)
     release = _take_slot(state, any_of(should_stop, state.shutting_down.is_set))
@@ -170,10 +183,13 @@ def chat_completions():
         log.info("a queued /v1/chat/completions request left the queue: its client disconnected")
         return Response(status=CLIENT_CLOSED)
     try:
-        run = _start(state, req, turns, image_url, should_stop)
+        page_run = state.pages.start(page_request, page, started=started, load_s=load_s, should_stop=should_stop,
+                                     wake_interval_s=state.wake_interval_s(bool(req.stream)),
+                                     on_finish=access_note())
     except BaseException:
         release()
         raise
+    run = _Run(req=req, page_run=page_run)
     if req.stream:
         response = Response(_sse(run, release), mimetype="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
@@ -248,24 +264,16 @@ def chat_turns(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], str]:
     return turns, image_part.image_url.url
 
 
-def _load_image(state: ServerState, url: str):
-    """The image of a data URL or an http(s) URL, through /ocr's loader (the same policy: SSRF
-    guard, --allow-private-urls, byte and pixel caps, timeouts)."""
-    from image_utils import ImageInputError, load_document
-
-    param = "image_url.url"
+def _image_source(url: str) -> PageSource:
+    """The page source of a data URL or an http(s) URL (loaded by the page service through /ocr's
+    loader: the same policy, SSRF guard, --allow-private-urls, byte and pixel caps, timeouts)."""
     head = url[:16].lstrip().lower()
     if head.startswith("data:"):
-        image_format = "base64"
-    elif urlsplit(url.strip()).scheme.lower() in ("http", "https"):
-        image_format = "url"
-    else:
-        raise OpenAIError("Invalid 'image_url.url': must be a data URL (data:image/...;base64,...) "
-                          "or an http(s) URL", 400, param=param)
-    try:
-        return load_document(url, image_format, state.policy).image
-    except ImageInputError as exc:
-        raise OpenAIError(exc.message, exc.status, param=param) from None
+        return PageSource(value=url, transport="base64")
+    if urlsplit(url.strip()).scheme.lower() in ("http", "https"):
+        return PageSource(value=url, transport="url")
+    raise OpenAIError("Invalid 'image_url.url': must be a data URL (data:image/...;base64,...) "
+                      "or an http(s) URL", 400, param="image_url.url")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,32 +318,29 @@ class _Delta:
 
 @dataclass
 class _Run:
-    """One chat completion in progress: the runner's pieces, then what ended the answer."""
+    """One chat completion in progress: the page run's pieces, then what ended the answer."""
 
     req: ChatCompletionRequest
-    pieces: Iterator[Any]  # model_runner.decoding.Piece
-    head: list[Any]  # the pieces read before the answer started (up to the first text)
-    stats: Any  # model_runner.runner.GenerationStats
+    page_run: PageRun
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     completion_tokens: int = 0
     finish_reason: str = "stop"
     stop_reason: str | None = None
 
+    @property
+    def stats(self):
+        return self.page_run.stats
+
     def close(self) -> None:
-        self.pieces.close()  # cancels generation if it still runs
+        self.page_run.close()  # cancels generation if it still runs
 
     def deltas(self) -> Iterator[_Delta]:
         """The answer as text deltas (stop strings applied), each with the tokens consumed for it.
         When it ends, ``finish_reason`` / ``stop_reason`` / ``completion_tokens`` are set."""
         scanner = StopScanner(self.req.stop_strings)
         pending: list[Any] = []
-
-        def all_pieces():
-            yield from self.head
-            yield from self.pieces
-
-        for piece in all_pieces():
+        for piece in self.page_run.pieces():
             self.completion_tokens += len(piece.tokens)
             pending.extend(piece.tokens)
             text = scanner.feed(piece.text)
@@ -385,42 +390,22 @@ def _token_logprob(token) -> TokenLogprob:
     return TokenLogprob(token=token.text, logprob=token.logprob, bytes=_token_bytes(token.text), top_logprobs=top)
 
 
-def _sampling(req: ChatCompletionRequest, limit: int, open_ended: int) -> dict[str, Any]:
-    """The runner's decoding arguments for the request's OpenAI parameters (OpenAI's defaults
-    for those left out)."""
+def _page_request(req: ChatCompletionRequest, turns: list[dict[str, Any]], image_url: str, config) -> PageRequest:
+    """The page service's request for the chat: its image, its turns (no prompt type: the chat
+    template renders them), and OpenAI's defaults for the parameters left out (temperature 1; no
+    ``max_tokens``: up to the server's limit, or its default in demo mode)."""
     asked = req.max_completion_tokens or req.max_tokens
+    limit = config.max_new_tokens_limit
     seed = req.seed % 2**64 if req.seed is not None else None  # OpenAI allows negative seeds
-    temperature = 1.0 if req.temperature is None else req.temperature
-    if temperature < 1e-4:  # sampling would divide the logits into inf/nan: greedy, as vLLM does
-        temperature = 0.0
-    return dict(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
-                max_new_tokens=min(asked or open_ended, limit), seed=seed,
-                logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-                frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0)
-
-
-def _start(state: ServerState, req: ChatCompletionRequest, turns: list[dict[str, Any]], image_url: str,
-           should_stop) -> _Run:
-    """Load the image and run generation up to the first text piece, so that a bad image or an
-    impossible request is still answered with a plain JSON error (before any streamed event)."""
-    from model_runner.runner import GenerationInputError, GenerationStats
-
-    image = _load_image(state, image_url)
-    stats = GenerationStats()
-    pieces = state.runner.stream_pieces(image, None, messages=turns, stats=stats, should_stop=should_stop,
-                                        wake_interval_s=state.wake_interval_s(bool(req.stream)),
-                                        **_sampling(req, state.config.max_new_tokens_limit,
-                                                                  state.config.open_ended_max_new_tokens))
-    head: list[Any] = []
-    try:
-        for piece in pieces:
-            head.append(piece)
-            if piece.text:
-                break
-    except GenerationInputError as exc:
-        raise OpenAIError(str(exc), 400, param="messages") from None
-    return _Run(req=req, pieces=pieces, head=head, stats=stats)
+    decoding = DecodingOptions(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, seed=seed,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0)
+    return PageRequest(source=_image_source(image_url), prompt_type=None, messages=turns, decoding=decoding,
+                       max_new_tokens=min(asked or config.open_ended_max_new_tokens, limit),
+                       route="/v1/chat/completions")
 
 
 # ---------------------------------------------------------------------------------------------

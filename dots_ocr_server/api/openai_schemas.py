@@ -15,6 +15,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 
 from image_utils import clip_for_message
 from model_runner.decoding import MAX_LOGPROBS
+from model_runner.defaults import check_temperature
 
 MAX_STOP_STRINGS = 4  # OpenAI's documented limit
 MAX_STOP_CHARS = 256
@@ -155,6 +156,13 @@ class ChatCompletionRequest(BaseModel):
                                              description="vLLM's: above 1 discourages tokens already seen")
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_vanishing(cls, value: float | None) -> float | None:
+        # the same rule as /ocr's (model_runner.defaults): 0 is greedy, a tiny positive value would
+        # make the sampler overflow, so it is refused rather than changed behind the client's back
+        return None if value is None else check_temperature(value)
 
     @field_validator("n")
     @classmethod

@@ -1,7 +1,9 @@
-"""``GET /openapi.json``: an OpenAPI 3.1 description of every route, generated from the pydantic
-models the server validates requests with (``OCRRequest``, ``ChatCompletionRequest``) and builds
-the OpenAI answers with, so the document cannot drift from the code. The few ``/health`` and
-``/ocr`` answers that the server writes as plain dicts are described by the small models below.
+"""``GET /openapi.json``: an OpenAPI 3.1 description of every JSON route (``/health``, ``/ocr``,
+``/v1/...``, ``/inspect``, ``/ui/config``, ``/ui/render``), generated from the pydantic models the
+server validates requests with (``OCRRequest``, ``ChatCompletionRequest``, the models built from
+their fields for ``/inspect`` and ``/ui/render``) and builds the OpenAI answers with, so the
+document cannot drift from the code. The answers that the server writes as plain dicts are
+described by the small models below. (``/metrics`` is Prometheus text, ``/ui`` the page's files.)
 """
 from __future__ import annotations
 
@@ -16,9 +18,14 @@ from pydantic.json_schema import models_json_schema
 from image_utils import IMAGE_FORMATS
 from model_runner.prompts import PROMPT_TYPES
 
+from .inspect import InspectOptions, PAGE_FIELDS
 from .openai_schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ErrorResponse, ModelCard,
                              ModelList)
-from .schemas import OCRRequest
+from .schemas import OCRRequest, page_fields_model
+from .ui import RENDER_FIELDS
+
+InspectRequest = page_fields_model("InspectRequest", PAGE_FIELDS, InspectOptions)
+RenderRequest = page_fields_model("RenderRequest", RENDER_FIELDS)
 
 bp = Blueprint("openapi", __name__)
 
@@ -26,7 +33,7 @@ REF = "#/components/schemas/{model}"
 
 
 class HealthResponse(BaseModel):
-    """The fields API.md fixes; the server adds more (device, running, queued, ...)."""
+    """The fields the interface document fixes; the server adds more (device, running, queued, ...)."""
 
     model_config = ConfigDict(extra="allow")
     status: str
@@ -34,7 +41,7 @@ class HealthResponse(BaseModel):
 
 
 class OCRResponse(BaseModel):
-    """API.md's answer; extensions add statistics and what the request asked for."""
+    """The interface document's answer; extensions add statistics and what the request asked for."""
 
     model_config = ConfigDict(extra="allow")
     model: str
@@ -43,9 +50,42 @@ class OCRResponse(BaseModel):
 
 
 class OCRError(BaseModel):
-    """API.md's error shape (``/ocr``, ``/health``)."""
+    """The interface document's error shape (every route but ``/v1``)."""
 
     error: str
+
+
+class InspectResponse(BaseModel):
+    """``/inspect``'s answer (the api/inspect.py docstring lists every field)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    prompt_type: str
+    token_count: int
+    span: list[int]
+    char_span: list[int]
+    attention: list[list[float]]
+    image_mass: float
+    grid: dict[str, Any]
+
+
+class RenderResponse(BaseModel):
+    """``/ui/render``'s answer: the page as the model reads it, as a JPEG data URI."""
+
+    image: str
+    width: int
+    height: int
+    source_kind: str
+    page: int
+    page_count: int
+
+
+class UIConfig(BaseModel):
+    """``/ui/config``: what the page needs to know about the server."""
+
+    model_config = ConfigDict(extra="allow")
+    api_key_required: bool
+    max_new_tokens_limit: int
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -79,7 +119,7 @@ def _paths() -> dict[str, Any]:
         "/health": {"get": {"summary": "Server and model status",
                             "responses": {"200": _json(HealthResponse, "status")}}},
         "/ocr": {"post": {
-            "summary": "OCR one page (API.md)", "security": _BEARER,
+            "summary": "OCR one page (the dots.ocr API document's route)", "security": _BEARER,
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(OCRRequest)}}},
             "responses": {"200": {"description": "the answer; with stream: true, NDJSON lines",
                                   "content": {"application/json": {"schema": _ref(OCRResponse)},
@@ -102,6 +142,20 @@ def _paths() -> dict[str, Any]:
             "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": _json(ModelCard, "the model"),
                           **_errors(ErrorResponse, {401: "missing or wrong API key", 404: "no such model"})}}},
+        "/inspect": {"post": {
+            "summary": "Where an answer looked on the page (attention to the image-token grid)", "security": _BEARER,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(InspectRequest)}}},
+            "responses": {"200": _json(InspectResponse, "the attention maps"),
+                          **_errors(OCRError, {**_OCR_ERRORS, 503: "the server is shutting down"})}}},
+        "/ui/config": {"get": {"summary": "Settings the /ui page adapts to", "security": _BEARER,
+                               "responses": {"200": _json(UIConfig, "the settings"),
+                                             **_errors(OCRError, {401: "missing or wrong API key"})}}},
+        "/ui/render": {"post": {
+            "summary": "The page exactly as the server reads it, as a JPEG", "security": _BEARER,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(RenderRequest)}}},
+            "responses": {"200": _json(RenderResponse, "the page"),
+                          **_errors(OCRError, {400: "invalid request", 401: "missing or wrong API key",
+                                               413: "body or image too large", 500: "an internal error"})}}},
         "/openapi.json": {"get": {"summary": "This document",
                                   "responses": {"200": {"description": "OpenAPI 3.1",
                                                         "content": {"application/json": {
@@ -110,25 +164,39 @@ def _paths() -> dict[str, Any]:
 
 
 def _with_choices(schemas: dict[str, Any]) -> dict[str, Any]:
-    """``/ocr``'s prompt_type and image_format are checked against lists the model cannot hold
-    (they come from prompts.json and image_utils); the document names them."""
-    props = schemas["OCRRequest"]["properties"]
-    props["prompt_type"]["enum"] = list(PROMPT_TYPES)
-    props["image_format"]["enum"] = list(IMAGE_FORMATS)
+    """prompt_type and image_format are checked against lists the model cannot hold (they come
+    from prompts.json and image_utils); the document names them."""
+    for name in ("OCRRequest", "InspectRequest", "RenderRequest"):
+        props = schemas[name]["properties"]
+        if "prompt_type" in props:
+            props["prompt_type"]["enum"] = list(PROMPT_TYPES)
+        props["image_format"]["enum"] = list(IMAGE_FORMATS)
     return schemas
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dots-ocr-server")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 @functools.lru_cache(maxsize=1)
 def build_document() -> dict[str, Any]:
     """The OpenAPI document (built once per process)."""
-    models = [(m, "validation") for m in (OCRRequest, ChatCompletionRequest)]
+    models = [(m, "validation") for m in (OCRRequest, ChatCompletionRequest, InspectRequest, RenderRequest)]
     models += [(m, "serialization") for m in (ChatCompletion, ChatCompletionChunk, ModelList, ModelCard, ErrorResponse,
-                                              HealthResponse, OCRResponse, OCRError)]
+                                              HealthResponse, OCRResponse, OCRError, InspectResponse, RenderResponse,
+                                              UIConfig)]
     _, top = models_json_schema(models, ref_template=REF)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "dots-ocr-server", "version": "0.1.0",
-                 "description": "dots.ocr over HTTP: API.md's /ocr and OpenAI's /v1/chat/completions"},
+        "info": {"title": "dots-ocr-server", "version": _version(),
+                 "description": "dots.ocr over HTTP: the interface document's /ocr, OpenAI's /v1/chat/completions, "
+                                "and the routes for looking inside the model"},
         "paths": _paths(),
         "components": {"schemas": _with_choices(top["$defs"]),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

@@ -1,4 +1,4 @@
-"""Request ids and logs (issue 12).
+"""Request ids and logs.
 
 * An incoming ``X-Request-Id`` (1-128 characters of ``A-Z a-z 0-9 . _ : -``) is kept, any other
   value or none gets a fresh one (32 hex digits); the response always carries it back.
@@ -10,9 +10,11 @@
   tokens and done_reason.
 * ``--log-format json``: one JSON object per line (``JsonFormatter``).
 
-The request's scope lives in a ``ContextVar``: Flask runs a request, and gunicorn's gthread worker
-iterates its streamed body, on one thread, so the value set when the request starts is still
-there while its stream runs; it is cleared when the response is closed.
+The request's scope lives in a ``ContextVar``: Flask runs a request, and waitress iterates its
+streamed body, on one request thread, so the value set when the request starts is still there
+while its stream runs; it is cleared when the response is closed. Work done for the request on
+other threads (the prepare pool, the decoding loop) runs in a copy of its context
+(model_runner.generation), so those log lines carry the id too.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The ``/ocr`` request body: a pydantic model, checked in the order API.md documents its messages."""
+"""The ``/ocr`` request body: a pydantic model, checked in the order the interface document lists
+its messages, and its translation into the page service's ``PageRequest``."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,10 +7,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from image_utils import IMAGE_FORMATS, clip_for_message
+from image_utils.policy import MAX_PDF_DPI, MIN_PDF_DPI
 from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_temperature
 from model_runner.prompts import (BBOX_PROMPT_TYPES, POSTPROCESS_PROMPT_TYPES, PROMPT_TYPES, QUESTION_PROMPT_TYPES,
                                   default_temperature)
 
+from ..pages import PageRequest, PageSource, Postprocess
 from .errors import NO_IMAGE_MESSAGE, RequestError
 
 
@@ -30,9 +33,9 @@ class OCRRequest(BaseModel):
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
     stream: bool = False
     bbox: list[int | float] | None = None
-    # Extensions (issue 5); absent, the request and its response are exactly API.md's.
+    # Extensions; absent, the request and its response are exactly the API document's.
     page: int = Field(1, ge=1)  # PDF page, 1-based
-    dpi: int | None = Field(None, ge=36, le=600)  # PDF render resolution (default 200)
+    dpi: int | None = Field(None, ge=MIN_PDF_DPI, le=MAX_PDF_DPI)  # PDF render resolution (default 200)
     postprocess: bool = False  # add layout (original pixels), markdown, repaired
     skip_headers_footers: bool = False  # markdown without Page-header / Page-footer
     visualize: bool = False  # add a base64 PNG of the page with its layout drawn
@@ -103,6 +106,35 @@ class OCRRequest(BaseModel):
         if "temperature" in self.model_fields_set:
             return self.temperature
         return default_temperature(self.prompt_type)
+
+    @property
+    def source(self) -> PageSource:
+        return PageSource(value=self.image, transport=self.image_format, page=self.page, dpi=self.dpi)
+
+    def page_request(self, route: str = "/ocr", temperature: float | None = None) -> PageRequest:
+        """This request for the page service (``temperature``: instead of the one asked for)."""
+        from model_runner.decoding import DecodingOptions
+
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        decoding = DecodingOptions(temperature=self.sampling_temperature if temperature is None else temperature,
+                                   top_p=self.top_p, seed=self.seed, logprobs=logprobs)
+        return PageRequest(source=self.source, prompt_type=self.prompt_type, bbox=self.bbox, question=self.prompt,
+                           decoding=decoding, max_new_tokens=self.max_new_tokens,
+                           postprocess=Postprocess(layout=self.postprocess, visualize=self.visualize,
+                                                   skip_headers_footers=self.skip_headers_footers),
+                           route=route)
+
+
+def page_fields_model(name: str, fields: tuple[str, ...], extra: type[BaseModel] | None = None) -> type[BaseModel]:
+    """A model of ``OCRRequest``'s ``fields`` (the same types, bounds and defaults), plus the fields
+    of ``extra``: how a route that takes part of /ocr's body (``/inspect``, ``/ui/render``) is
+    described in the OpenAPI document, from the definitions it is validated with."""
+    from pydantic import create_model
+
+    definitions = {n: (OCRRequest.model_fields[n].annotation, OCRRequest.model_fields[n]) for n in fields}
+    if extra is not None:
+        definitions.update({n: (f.annotation, f) for n, f in extra.model_fields.items()})
+    return create_model(name, __config__=ConfigDict(extra="forbid", strict=True), **definitions)
 
 
 def _validation_message(error: dict[str, Any]) -> str:

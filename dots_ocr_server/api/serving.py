@@ -1,7 +1,7 @@
 """The HTTP server under the Flask app: waitress, with slow-client limits, JSON errors and a
 graceful shutdown on SIGTERM.
 
-Why waitress (issues 14.3 and 15.2): gunicorn's threaded worker hands a connection to a request
+Why waitress: gunicorn's threaded worker hands a connection to a request
 thread as soon as it is readable, and that thread then blocks reading a slow request, so a few
 dozen slowloris connections took every thread. waitress reads every connection in one event loop
 and gives a request to a thread only once its headers and body have fully arrived, so slow or
@@ -14,7 +14,7 @@ are (connection count, header size, body size, idle time); two things are added 
 - *JSON errors*: the errors waitress answers itself (malformed request, header too large, body
   too large) are ``{"error": ...}`` like every other error of the server.
 
-Shutdown (issue 14.4): the first SIGTERM (or SIGINT) starts draining: new ``/ocr`` requests get
+Shutdown: the first SIGTERM (or SIGINT) starts draining: new ``/ocr`` requests get
 503 at once, running ones may finish for ``graceful_timeout`` seconds; then the generations still
 running are stopped, a stream ends with a last line ``{"error": "server shutting down", "done":
 true, ...}`` and a plain request gets a 503; once every answer has been written (at most

@@ -1,4 +1,5 @@
-"""Application state: the runner, its background loading, and the generation slots."""
+"""Application state: the runner, its background loading, the page service over it, and the
+generation slots."""
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,9 @@ from typing import Callable
 
 from image_utils import ImagePolicy
 
+from ..pages import PageService
 from .config import ServerConfig
-from .errors import BUSY_MESSAGE, NOT_LOADED_MESSAGE, SHUTDOWN_MESSAGE, RequestError
+from .errors import NOT_LOADED_MESSAGE, SHUTDOWN_MESSAGE, RequestError
 from .http import any_of, client_gone_probe, once
 
 log = logging.getLogger("dots_ocr_server")
@@ -28,7 +30,7 @@ class QueueFull(Exception):
 
 class SlotPool:
     """``size`` generation slots, with the non-blocking part of ``threading.Lock``'s interface:
-    at size 1 it is the single processing lock of API.md; at N > 1 up to N requests hold a slot
+    at size 1 it is the single processing lock of the dots.ocr API document; at N > 1 up to N requests hold a slot
     (and generate together in the runner's batch). A plain counter under a lock: a
     ``BoundedSemaphore`` cannot say how many are taken.
 
@@ -113,7 +115,8 @@ class ServerState:
         self.runner = runner
         self.lock = SlotPool(config.max_batch_size)
         self.policy = ImagePolicy(image_root=config.image_root, allow_private_urls=config.allow_private_urls,
-                                  max_image_pixels=config.max_image_pixels, max_pdf_pages=config.max_pdf_pages)
+                                  max_image_pixels=config.max_image_pixels, max_pdf_pages=config.max_pdf_pages,
+                                  pdf_render_timeout=config.pdf_render_timeout)
         self.load_error: str | None = None
         self.loader: threading.Thread | None = None
         # Shutdown (api/serving.py): new /ocr requests are refused once ``shutting_down`` is set;
@@ -121,6 +124,8 @@ class ServerState:
         self.shutting_down = threading.Event()
         self.stop_generation = threading.Event()
         self.gpu_warning: str | None = None  # a GPU torch cannot use (api/gpu_check.py)
+        # every route's page goes through it; /metrics installs itself as its observer
+        self.pages = PageService(runner, self.policy)
 
     @property
     def model_loaded(self) -> bool:
@@ -137,20 +142,28 @@ class ServerState:
         return any_of(client_gone_probe(environ), self.stop_generation.is_set)
 
     def wake_interval_s(self, stream: bool) -> float:
-        """How often the request's thread collects decoded tokens (``stream_pieces``'
+        """How often the request's thread collects decoded tokens (the generation request's
         ``wake_interval_s``): a stream every ``--stream-interval-ms``, a whole answer rarely."""
-        from model_runner.runner import BATCHED_WAKE_INTERVAL_S
+        from model_runner.generation import BATCHED_WAKE_INTERVAL_S
 
         return self.config.stream_interval_ms / 1000 if stream else BATCHED_WAKE_INTERVAL_S
 
+    def require_free_slot(self) -> None:
+        """What ``take_slot`` would refuse, checked without taking one (before a page is loaded,
+        so that a busy server answers 429 at once, without reading the page first)."""
+        if not self.model_loaded:
+            raise RequestError(NOT_LOADED_MESSAGE, 500)
+        if self.lock.locked() or self.lock.queued:
+            raise RequestError.busy()
+
     def take_slot(self) -> Callable[[], None]:
-        """A generation slot at once, as API.md's routes take it: 500 while the model is not
-        loaded, 429 (with ``Retry-After``) when every slot is busy. Returns the release function
-        (safe to call more than once; the slot is freed on the first call)."""
+        """A generation slot at once, as the interface document's routes take it: 500 while the
+        model is not loaded, 429 (with ``Retry-After``) when every slot is busy. Returns the
+        release function (safe to call more than once; the slot is freed on the first call)."""
         if not self.model_loaded:
             raise RequestError(NOT_LOADED_MESSAGE, 500)
         if not self.lock.acquire(blocking=False):
-            raise RequestError(BUSY_MESSAGE, 429, headers={"Retry-After": "1"})
+            raise RequestError.busy()
         return once(self.lock.release)
 
     def start_loading(self) -> None:

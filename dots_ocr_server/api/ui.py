@@ -1,4 +1,4 @@
-"""``GET /ui``: a page for looking at documents and at what the model does inside (issue 13).
+"""``GET /ui``: a page for looking at documents and at what the model does inside.
 
 The page is plain files in ``api/static/ui`` (HTML, ES modules, CSS; no build step, no CDN, no
 third-party code), served by this blueprint together with two small helper routes it calls:
@@ -87,9 +87,8 @@ def config():
 def render():
     """The page the model would read for ``image`` (and ``page``/``dpi`` for a PDF), as
     ``{"image": "data:image/jpeg;base64,...", "width", "height", "page", "page_count", "source_kind"}``.
-    Same image loading, limits and messages as ``/ocr``; it runs no model, so it takes no slot."""
-    from image_utils import ImageInputError, load_document
-
+    Same image loading, limits and messages as ``/ocr`` (the page service's ``load``); it runs no
+    model, so it takes no slot."""
     state = _state()
     check_api_key(state.config)
     body = json_body()
@@ -99,10 +98,7 @@ def render():
     if unknown:
         raise RequestError(f"Unknown field '{unknown[0]}'")
     req = validate_request(body, state.config)
-    try:
-        document = load_document(req.image, req.image_format, state.policy, page=req.page, dpi=req.dpi)
-    except ImageInputError as exc:
-        raise RequestError(exc.message, exc.status) from None
+    document = state.pages.load(req.source)
     image = document.image
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=RENDER_JPEG_QUALITY)

@@ -1,12 +1,13 @@
-"""``PageOcr``: the callable class the actor pool runs. One ``ModelRunner`` per actor; each batch
-of pages is generated together through the runner's ``BatchEngine``.
+"""``PageOcr``: the callable class the actor pool runs. One ``ModelRunner`` per actor, and the
+server's page service over it (``dots_ocr_server.pages``): a page is loaded, generated and
+post-processed (layout with per-cell confidence) exactly as ``/ocr`` does it.
 
 How a batch runs: the batch's files are read once each (the pages of one PDF usually arrive
-together), then one thread per page loads its image and calls ``runner.generate`` at the same
-time as the others. The runner was built with ``max_batch_size = batch_size``, so its engine
-decodes those pages in one batch (continuous batching: a page that ends early frees its slot).
-Any failure of one page (unreadable file, undecodable image, broken PDF page, model error)
-becomes that page's ``error``; the other pages and the job go on.
+together), then one thread per page runs ``PageService.run`` at the same time as the others. The
+runner was built with ``max_batch_size = batch_size``, so its engine decodes those pages in one
+batch (continuous batching: a page that ends early frees its slot). Any failure of one page
+(unreadable file, undecodable image, broken PDF page, model error) becomes that page's
+``error``; the other pages and the job go on.
 
 Ray is not imported here: the class is plain Python, so tests call it directly on a runner.
 """
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from image_utils.policy import DEFAULT_PDF_DPI
 from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS
 
-from .inputs import load_page, read_source
+from .inputs import read_source
 from .outputs import output_schema, token_confidence
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class JobSettings:
     dtype: str = "auto"
     batch_size: int = 4                # pages generated at once per actor (the runner's max_batch_size)
     cpus_per_actor: int = 1            # torch threads of a CPU actor
-    dpi: float = 200.0
+    dpi: float = float(DEFAULT_PDF_DPI)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: Optional[float] = None  # None: the prompt type's default (as the server does)
     seed: Optional[int] = None
@@ -86,8 +88,12 @@ class PageOcr:
     def __init__(self, settings: JobSettings, runner=None):
         from model_runner.prompts import default_temperature
 
+        from ..pages import PageService
+        from .inputs import page_policy
+
         self.settings = settings
         self.runner = runner if runner is not None else load_runner(settings)
+        self.pages = PageService(self.runner, page_policy())
         self.temperature = (settings.temperature if settings.temperature is not None
                             else default_temperature(settings.prompt_type))
         self.schema = output_schema(settings.postprocess, settings.logprobs)
@@ -135,46 +141,45 @@ class PageOcr:
         row["seconds"] = time.perf_counter() - started
         return row
 
+    def page_request(self, page: dict[str, Any], data: bytes):
+        """The page service's request for one planned page of a file's bytes."""
+        from model_runner.decoding import DecodingOptions
+
+        from ..pages import PageRequest, PageSource, Postprocess
+
+        s = self.settings
+        return PageRequest(source=PageSource(data=data, page=page["page"] if page["kind"] == "pdf" else 1,
+                                             dpi=s.dpi if page["kind"] == "pdf" else None),
+                           prompt_type=s.prompt_type, question=s.question,
+                           decoding=DecodingOptions(temperature=self.temperature, seed=s.seed,
+                                                    logprobs=0 if s.logprobs else None),
+                           max_new_tokens=s.max_new_tokens, postprocess=Postprocess(layout=s.postprocess),
+                           route="batch")
+
     def _run(self, page: dict[str, Any], data) -> dict[str, Any]:
-        from image_utils import ImageInputError
-        from model_runner.runner import GenerationInputError
+        import json
+
+        from ..errors import RequestError
 
         if isinstance(data, BaseException):
             raise _PageError(f"cannot read the file: {data}")
         try:
-            image = load_page(data, page["kind"], page["page"], self.settings.dpi)
-        except ImageInputError as exc:
-            raise _PageError(f"cannot load the page: {exc.message}") from None
-        s = self.settings
-        try:
-            result = self.runner.generate(image, s.prompt_type, question=s.question, temperature=self.temperature,
-                                          max_new_tokens=s.max_new_tokens, seed=s.seed,
-                                          logprobs=0 if s.logprobs else None)
-        except GenerationInputError as exc:
-            raise _PageError(f"the model cannot run this page: {exc}") from None
-        stats = result.stats
+            result = self.pages.run(self.page_request(page, data))
+        except RequestError as exc:
+            what = "cannot load the page" if exc.field == "image" else "the model cannot run this page"
+            raise _PageError(f"{what}: {exc.message}") from None
+        stats, s = result.stats, self.settings
         out = {"response": result.text, "finish_reason": stats.finish_reason,
                "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens}
         if s.postprocess:
-            out.update(self._postprocess(result.text, stats, image))
+            processed = result.processed
+            cells = processed.get("layout", processed.get("spots"))
+            out.update({"layout": None if cells is None else json.dumps(cells, ensure_ascii=False),
+                        "markdown": processed.get("markdown", processed.get("svg")),
+                        "repaired": processed.get("repaired")})
         if s.logprobs:
             out.update(_logprob_columns(result.tokens))
         return out
-
-    def _postprocess(self, text: str, stats, image) -> dict[str, Any]:
-        """The server's post-processing (the call in server.py's ``_Job.extra_fields``)."""
-        import json
-
-        from image_utils import to_original_coords
-        from dots_ocr_server.layout import postprocess_response
-
-        processed = postprocess_response(text, prompt_type=self.settings.prompt_type, model_size=stats.model_size,
-                                         original_size=stats.original_size, image=image, picture_mode="ref",
-                                         to_original=to_original_coords)
-        cells = processed.get("layout", processed.get("spots"))
-        markdown = processed.get("markdown", processed.get("svg"))
-        return {"layout": None if cells is None else json.dumps(cells, ensure_ascii=False),
-                "markdown": markdown, "repaired": processed.get("repaired")}
 
 
 def _logprob_columns(tokens) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from image_utils.policy import DEFAULT_PDF_DPI, MAX_PDF_DPI, MIN_PDF_DPI
 from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS
 from model_runner.prompts import BBOX_PROMPT_TYPES, PROMPT_TYPES, QUESTION_PROMPT_TYPES
 
@@ -90,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to ask the model (default prompt_layout_all_en)")
     add("--prompt", "--question", dest="question", metavar="TEXT", default=None,
         help="the question, with --prompt-type prompt_general (the /ocr field `prompt`)")
-    add("--dpi", metavar="D", type=_ranged(float, 36, 600), default=200.0,
-        help="PDF rendering resolution (default 200, lowered only for pages too large for the model)")
+    add("--dpi", metavar="D", type=_ranged(float, MIN_PDF_DPI, MAX_PDF_DPI), default=float(DEFAULT_PDF_DPI),
+        help=f"PDF rendering resolution (default {DEFAULT_PDF_DPI}, lowered only for pages too large for the model)")
     add("--max-new-tokens", metavar="N", type=_ranged(int, 1, 131072), default=DEFAULT_MAX_NEW_TOKENS,
         help=f"most tokens generated per page (default {DEFAULT_MAX_NEW_TOKENS})")
     add("--temperature", metavar="T", type=_ranged(float, 0), default=None,

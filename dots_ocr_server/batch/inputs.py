@@ -11,8 +11,8 @@
   be used, and how many pages were skipped because their key is already written.
 * :func:`page_key`: ``<sha256>:<page>:<prompt type>`` (plus a hash of the question for
   ``prompt_general``), the resume key.
-* :func:`load_page`: a page's RGB image from the file's bytes with the server's own loaders
-  (``image_utils``: pypdfium2 at ``--dpi`` for PDFs, the server's decoder for images).
+* :func:`page_policy`: the image policy a page of the corpus is loaded with (by the page
+  service, as the server loads a request's page).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any, Iterable, Optional
 
 __all__ = [
     "InputError", "Expansion", "expand_inputs", "open_filesystem", "read_source", "scan_source",
-    "page_key", "Plan", "plan_pages", "load_page",
+    "page_key", "Plan", "plan_pages", "page_policy",
 ]
 
 #: Characters that make an INPUT a glob pattern (fsspec's glob syntax).
@@ -41,11 +41,12 @@ class InputError(Exception):
 
 
 @functools.lru_cache(maxsize=1)
-def _policy():
+def page_policy():
     from image_utils import ImagePolicy
 
-    # The server's limits, except the page-count cap: a corpus PDF may be long, and each page is
-    # rendered on its own (bounded by the render timeout and the model's pixel cap).
+    # ImagePolicy's defaults (the project's one pixel cap, as the server and the client use it),
+    # except the page-count cap: a corpus PDF may be long, and each page is rendered on its own
+    # (bounded by the render timeout and the model's pixel cap).
     return ImagePolicy(max_pdf_pages=sys.maxsize)
 
 
@@ -249,16 +250,3 @@ def plan_pages(scanned: Iterable[dict[str, Any]], prompt_type: str, done: set[st
             plan.pages.append({"key": key, "source": item["source"], "sha256": item["sha256"],
                                "kind": item["kind"], "page": page, "page_count": item["page_count"]})
     return plan
-
-
-def load_page(data: bytes, kind: str, page: int, dpi: float):
-    """The RGB image of page ``page`` (1-based) of a file's bytes: a PDF page rendered at ``dpi``
-    (lowered only for pages too large for the model, as the server does), or the decoded image.
-    Raises image_utils.ImageInputError with a readable message."""
-    from image_utils import decode_image_bytes
-    from image_utils.pdf import render_pdf_page
-
-    if kind == "pdf":
-        image, _count, _dpi = render_pdf_page(data, _policy(), page=page, dpi=dpi)
-        return image
-    return decode_image_bytes(data, _policy())

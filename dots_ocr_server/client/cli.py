@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from image_utils.policy import DEFAULT_PDF_DPI, MAX_PDF_DPI, MIN_PDF_DPI
 from model_runner.prompts import GROUNDING_PROMPT_TYPE, LAYOUT_PROMPT_TYPES, PROMPT_TYPES, QUESTION_PROMPT_TYPES
 
 from .batch import PageTask, Progress, RequestOptions, RunControl, process_page, run_pages
@@ -33,7 +34,7 @@ __all__ = ["main", "build_parser", "batch_prompt_types"]
 
 DEFAULT_SERVER = "http://127.0.0.1:5000"
 DEFAULT_OUT = "./ocr_output"
-MIN_DPI, MAX_DPI = 36, 600
+MIN_DPI, MAX_DPI = MIN_PDF_DPI, MAX_PDF_DPI
 MAX_CONCURRENCY = 256
 
 EXIT_OK, EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -82,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--concurrency", metavar="K", type=_ranged(int, 1, MAX_CONCURRENCY), default=None,
         help="pages in flight at once (default: the server's max_batch_size from /health, else 1)")
     add("--stream", action="store_true", help="use streaming responses (NDJSON)")
-    add("--dpi", metavar="DPI", type=_ranged(int, MIN_DPI, MAX_DPI), default=200,
-        help=f"PDF rendering resolution, {MIN_DPI}..{MAX_DPI} (default 200)")
+    add("--dpi", metavar="DPI", type=_ranged(int, MIN_DPI, MAX_DPI), default=DEFAULT_PDF_DPI,
+        help=f"PDF rendering resolution, {MIN_DPI}..{MAX_DPI} (default {DEFAULT_PDF_DPI})")
     add("--force", action="store_true", help="redo pages that are already done")
     add("--max-retries", metavar="N", type=_ranged(int, 0), default=8,
         help="retries of a page while the server is busy (HTTP 429) (default 8)")

@@ -78,26 +78,38 @@ def _walk(folder: Path) -> list[Path]:
 
 
 def _policy():
-    """The loader's limits for local files: none that the server does not apply itself (the
-    server still checks every upload), no page limit and no size cap for PDFs read from disk."""
+    """The loader's limits for local files: the server's pixel cap (``ImagePolicy``'s default, the
+    one cap of the project: a bigger image would only be refused by the server after its upload),
+    no page limit and no size cap for PDFs read from disk."""
     from image_utils import ImagePolicy
 
-    return ImagePolicy(max_image_pixels=1_000_000_000, max_download_bytes=1 << 40, max_pdf_pages=sys.maxsize)
+    return ImagePolicy(max_download_bytes=1 << 40, max_pdf_pages=sys.maxsize)
 
 
 def _is_image(path: Path) -> bool:
-    """True when Pillow recognises a supported image format from the header (no pixels decoded)."""
+    """True when Pillow recognises a supported image format from the header (no pixels decoded);
+    PageError for one beyond the pixel cap (the server's, which would refuse it after its upload)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
-    from image_utils import ALLOWED_FORMATS  # the Pillow formats the server decodes
+    from image_utils import ALLOWED_FORMATS, ImageInputError  # the Pillow formats the server decodes
+    from image_utils.decode import check_dimensions
 
     try:
-        with Image.open(path, formats=list(ALLOWED_FORMATS)):
-            return True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap decides, below
+            with Image.open(path, formats=list(ALLOWED_FORMATS)) as image:
+                size = image.size
     except Image.DecompressionBombError as exc:
         raise PageError(f"the image is too large to process ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return False
+    try:
+        check_dimensions(*size, _policy())
+    except ImageInputError as exc:
+        raise PageError(exc.message) from None
+    return True
 
 
 def _looks_like_pdf(path: Path) -> bool:

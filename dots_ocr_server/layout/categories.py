@@ -1,7 +1,7 @@
 """Layout categories of dots.ocr and their drawing colours."""
 from __future__ import annotations
 
-# The 11 categories named in the layout prompts / API.md, in that order.
+# The 11 categories named in the layout prompts and the dots.ocr API document, in that order.
 LAYOUT_CATEGORIES: tuple[str, ...] = (
     "Caption",
     "Footnote",

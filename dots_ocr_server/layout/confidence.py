@@ -1,4 +1,4 @@
-"""Token confidence per layout cell (issue 12): the minimum and the mean token probability over the
+"""Token confidence per layout cell: the minimum and the mean token probability over the
 tokens that wrote the cell's text.
 
 Which tokens count, for a cell parsed out of the model's raw answer:
@@ -14,8 +14,9 @@ Which tokens count, for a cell parsed out of the model's raw answer:
   (it could not be found in the answer) its confidence is ``None``.
 
 Inputs are plain data, so this module needs neither the model nor the server: the answer, each
-token's ``[start, end)`` character span in it (``model_runner.trace.token_offsets`` gives them
-exactly, multi-byte characters included) and each token's log-probability.
+token's ``[start, end)`` character span in it (the token records of a generation carry them:
+``model_runner.decoding.answer_offsets``; ``model_runner.trace.token_offsets`` decodes them from
+ids) and each token's log-probability.
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from .scan import scan_objects
+
 __all__ = ["RawObject", "raw_objects", "cell_spans", "span_confidence", "add_confidence"]
 
-_OBJ_START = re.compile(r'\{\s*"')
 _TEXT_KEY = re.compile(r'"text"\s*:\s*"')
-_DECODER = json.JSONDecoder(strict=False)
 
 
 @dataclass(frozen=True)
@@ -66,30 +67,19 @@ def _is_cell(value: Any) -> bool:
 
 
 def raw_objects(answer: str) -> list[RawObject]:
-    """The cell objects of ``answer`` in order, found by the same scan the layout parser's repair
-    path uses (``{"`` starts, each decoded on its own), so missing commas, code fences and a cut
-    last cell are found too."""
-    objects, pos = [], 0
-    while True:
-        match = _OBJ_START.search(answer, pos)
-        if match is None:
-            return objects
-        start = match.start()
-        try:
-            value, end = _DECODER.raw_decode(answer, start)
-        except (ValueError, RecursionError):
-            value, end = None, len(answer)
-        if value is not None and not _is_cell(value):
-            pos = start + 1  # step inside the wrapper to its cells
+    """The cell objects of ``answer`` in order, as the layout parser's repair path finds them
+    (``layout.scan``: missing commas, code fences and a cut-off last cell are found too), each with
+    the span of its ``"text"`` value."""
+    objects = []
+    for found in scan_objects(answer):
+        if found.value is not None and not _is_cell(found.value):
             continue
-        key = _TEXT_KEY.search(answer, start, end)
+        key = _TEXT_KEY.search(answer, found.start, found.end)
         text_span = None
         if key is not None:
-            text_span = (key.end(), min(_string_end(answer, key.end()), end))
-        objects.append(RawObject(start, end, value, text_span))
-        if value is None:
-            return objects
-        pos = end
+            text_span = (key.end(), min(_string_end(answer, key.end()), found.end))
+        objects.append(RawObject(found.start, found.end, found.value, text_span))
+    return objects
 
 
 def _cell_text(value: Any) -> str:

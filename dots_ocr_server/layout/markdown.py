@@ -1,4 +1,4 @@
-"""Layout cells -> Markdown (after MODEL.md §10.5, upstream ``layoutjson2md``)."""
+"""Layout cells -> Markdown (after upstream's ``layoutjson2md``)."""
 from __future__ import annotations
 
 import base64

@@ -6,13 +6,13 @@ model input). Long pages and repetition loops sometimes give broken JSON: missin
 objects, a truncated last cell, the same cell over and over. :func:`parse_layout` turns any string
 into a :class:`ParseResult` and never raises.
 
-Rules (see MODEL.md §10.4 for the upstream ``OutputCleaner`` they derive from):
+Rules (after upstream's ``OutputCleaner``):
 
 * Valid JSON list -> its cells (``repaired`` False unless a cell had to be dropped or changed).
   A JSON object that wraps the list (``{"layout": [...]}``, any key) is unwrapped; a single cell
   object is taken as a one-cell list.
-* Otherwise the text is scanned object by object: every complete ``{...}`` that decodes on its own
-  is kept, so missing commas (``}{``, ``}\\n{``), prose around the JSON, code fences and a truncated
+* Otherwise the text is scanned object by object (``layout.scan``): every complete ``{...}`` that
+  decodes on its own is kept, so missing commas (``}{``, ``}\\n{``), prose around the JSON, code fences and a truncated
   last cell (mid-string or mid-bbox: it is cut) are handled alike. If no object is complete, the
   single truncated cell is salvaged from its bbox/category/partial text (upstream's last resort).
 * Each cell is validated: a bbox of 4 numbers is kept as ints (rounded, ``x1 > x2`` / ``y1 > y2``
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .categories import canonical_category
+from .scan import OBJECT_START, looks_like_cell, scan_objects
 
 __all__ = ["ParseResult", "parse_layout", "clean_cells"]
 
@@ -56,7 +57,6 @@ class ParseResult:
 
 
 _DUP_TEXT_THRESHOLD = 5
-_OBJ_START = re.compile(r'\{\s*"')
 _SPECIAL_TOKEN_TAIL = re.compile(r"(?:\s*<\|[A-Za-z_]+\|>)+\s*$")
 _FENCE_OPEN = re.compile(r"^```[A-Za-z]*[ \t]*\n?")
 _FENCE_CLOSE = re.compile(r"\n?```\s*$")
@@ -143,17 +143,13 @@ def _parse(raw: str) -> ParseResult:
     return ParseResult(cells=cells, repaired=True, ok=True)
 
 
-def _looks_like_cell(d: dict) -> bool:
-    return "bbox" in d or "category" in d
-
-
 def _extract_items(obj: Any, depth: int = 0) -> list | None:
     """The list of candidate cells in a decoded JSON value, or None when there is none."""
     if isinstance(obj, list):
         return obj
     if not isinstance(obj, dict) or depth > 3:
         return None
-    if _looks_like_cell(obj):
+    if looks_like_cell(obj):
         return [obj]
     keys = [k for k in _WRAPPER_KEYS if k in obj] + [k for k in obj if k not in _WRAPPER_KEYS]
     for key in keys:
@@ -171,57 +167,19 @@ def _extract_items(obj: Any, depth: int = 0) -> list | None:
     return None
 
 
-_MAX_EXTEND = 8
-
-
 def _scan_objects(s: str) -> list:
-    """Decode every complete JSON object in ``s``, left to right.
-
-    An object start is ``{`` followed by a quote: inside a valid JSON string a bare quote cannot
-    occur, so this never starts in the middle of a cell's text. Each candidate is decoded from its
-    start up to the next candidate start (cells are flat, so a cell fits in that span; the span is
-    widened a few times when a cell's decoding ran out of input, for cells holding nested objects).
-    This keeps the scan about linear on pathological input. Objects that fail to decode are
-    skipped.
-    """
+    """The candidate cells of ``s`` from every object the scanner decodes (``layout.scan``): a
+    cell as it is, the cells inside a wrapper object, any other object as it is."""
     items: list = []
-    starts = [m.start() for m in _OBJ_START.finditer(s)]
-    n_starts = len(starts)
-    i = 0
-    while i < n_starts:
-        start = starts[i]
-        j = i + 1
-        obj = None
-        end = None
-        for _ in range(_MAX_EXTEND + 1):
-            stop = starts[j] if j < n_starts else len(s)
-            chunk = s[start:stop]
-            try:
-                obj, end = _DECODER.raw_decode(chunk)
-                break
-            except json.JSONDecodeError as exc:
-                if (j >= n_starts or exc.pos < len(chunk.rstrip())
-                        or not ('"bbox"' in chunk or '"category"' in chunk)):
-                    break  # malformed before the end of the span, or not a cell: give up
-                j += 1
-            except (ValueError, RecursionError):
-                break
-        if end is None:
-            i += 1
+    for found in scan_objects(s):
+        obj = found.value
+        if not isinstance(obj, dict):
             continue
-        if isinstance(obj, dict):
-            if _looks_like_cell(obj):
-                items.append(obj)
-            else:
-                inner = _extract_items(obj)
-                if inner:
-                    items.extend(inner)
-                else:
-                    items.append(obj)
-        stop_at = start + max(end, 1)
-        i += 1
-        while i < n_starts and starts[i] < stop_at:
-            i += 1
+        if looks_like_cell(obj):
+            items.append(obj)
+        else:
+            inner = _extract_items(obj)
+            items.extend(inner if inner else [obj])
     return items
 
 
@@ -255,7 +213,7 @@ def _decode_partial_string(body: str) -> str | None:
 
 def _salvage_single(s: str) -> dict | None:
     """Upstream's last resort: build one cell from the first (truncated) cell of the text."""
-    m = _OBJ_START.search(s)
+    m = OBJECT_START.search(s)
     if m is None:
         return None
     chunk = s[m.start():]

@@ -12,7 +12,7 @@ from model_runner.prompts import (
     SVG_PROMPT_TYPE,
 )
 
-from .coords import BBoxMapper, scale_cells, scale_spots
+from .coords import scale_cells, scale_spots
 from .draw import spots_png_base64, visualize_png_base64
 from .markdown import cells_to_markdown
 from .parse import _as_text, parse_layout
@@ -30,7 +30,6 @@ def postprocess_response(text: str, *, prompt_type: str, model_size: tuple[int, 
                          original_size: tuple[int, int], image=None,
                          skip_headers_footers: bool = False,
                          picture_mode: Literal["ref", "embed"] | None = None,
-                         to_original: BBoxMapper | None = None,
                          grounding_bbox: list[int] | None = None) -> dict[str, Any]:
     """Parse, repair and map a model answer, by prompt type.
 
@@ -70,7 +69,7 @@ def postprocess_response(text: str, *, prompt_type: str, model_size: tuple[int, 
         raise ValueError(f"picture_mode must be 'ref' or 'embed', got {picture_mode!r}")
     raw = _as_text(text)
     if prompt_type == SCENE_SPOTTING_PROMPT_TYPE:
-        return _postprocess_spots(raw, model_size, original_size, to_original)
+        return _postprocess_spots(raw, model_size, original_size)
     if prompt_type == SVG_PROMPT_TYPE:
         result = extract_svg(raw)
         return {"svg": result.svg, "repaired": result.repaired}
@@ -84,17 +83,17 @@ def postprocess_response(text: str, *, prompt_type: str, model_size: tuple[int, 
     if not result.ok:
         return {"layout": [], "markdown": result.fallback_text or "",
                 "repaired": prompt_type != GROUNDING_PROMPT_TYPE}
-    cells = scale_cells(result.cells, model_size, original_size, to_original=to_original)
+    cells = scale_cells(result.cells, model_size, original_size)
     markdown = cells_to_markdown(cells, image, skip_headers_footers=skip_headers_footers,
                                  picture_mode=picture_mode)
     return {"layout": cells, "markdown": markdown, "repaired": result.repaired}
 
 
-def _postprocess_spots(raw: str, model_size, original_size, to_original) -> dict[str, Any]:
+def _postprocess_spots(raw: str, model_size, original_size) -> dict[str, Any]:
     result = parse_spots(raw)
     if not result.ok:
         return {"spots": [], "markdown": raw.strip(), "repaired": result.repaired}
-    spots = scale_spots(result.spots, model_size, original_size, to_original=to_original)
+    spots = scale_spots(result.spots, model_size, original_size)
     return {"spots": spots, "markdown": spots_to_markdown(spots), "repaired": result.repaired}
 
 
