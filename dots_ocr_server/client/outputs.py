@@ -132,6 +132,7 @@ class PageRecord:
     dir: Optional[str] = None
     seconds: Optional[float] = None
     repaired: Optional[bool] = None
+    retried: Optional[bool] = None  # asked again at a smaller scale (see batch._retry_rescaled)
     error: Optional[str] = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -139,9 +140,11 @@ class PageRecord:
 
 
 def build_summary(records: list[PageRecord], *, server: str, prompt_type: str, out: Path, concurrency: Optional[int],
-                  started: float, started_at: str, retries: int, fatal: Optional[str]) -> dict[str, Any]:
+                  started: float, started_at: str, retries: int, fatal: Optional[str],
+                  documents: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The run's summary; ``started`` is a ``time.monotonic()`` reading, ``fatal`` why it stopped
-    early (None when it ran to the end)."""
+    early (None when it ran to the end), ``documents`` what became of the inputs' documents
+    (``{"written", "failed": [{"input", "error"}]}``, layout prompt types only)."""
     ok = [r for r in records if r.status == "ok"]
     work = sum(r.seconds or 0.0 for r in ok)
     elapsed = time.monotonic() - started
@@ -157,6 +160,7 @@ def build_summary(records: list[PageRecord], *, server: str, prompt_type: str, o
         "failed": sum(r.status == "failed" for r in records),
         "skipped": sum(r.status == "skipped" for r in records),
         "repaired": sum(bool(r.repaired) for r in ok),
+        "rescaled_retries": sum(bool(r.retried) for r in ok),
         "busy_retries": retries,
         "seconds_total": round(elapsed, 3),
         "seconds_per_page": round(work / len(ok), 3) if ok else None,
@@ -164,6 +168,8 @@ def build_summary(records: list[PageRecord], *, server: str, prompt_type: str, o
         "failures": [{"input": r.input, "page": r.page, "error": r.error} for r in records if r.status == "failed"],
         "page_results": [r.as_dict() for r in records],
     }
+    if documents is not None:
+        summary["documents"] = documents
     if fatal:
         summary["error"] = fatal
     return summary
@@ -180,11 +186,18 @@ def print_summary(summary: dict[str, Any], out: Path, stream) -> None:
     rate = f", {per_page:.2f} s/page" if per_page is not None else ""
     if summary["pages_per_second"] is not None and (summary["concurrency"] or 1) > 1:
         rate += f", {summary['pages_per_second']:.2f} pages/s with {summary['concurrency']} in flight"
+    retried = f", {summary['rescaled_retries']} asked again at a smaller scale" if summary["rescaled_retries"] else ""
     print(f"pages: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} skipped, "
-          f"{summary['repaired']} repaired (of {summary['pages']}) in {summary['seconds_total']:.1f} s{rate}",
+          f"{summary['repaired']} repaired{retried} (of {summary['pages']}) in {summary['seconds_total']:.1f} s{rate}",
           file=stream)
     for failure in summary["failures"]:
         where = failure["input"] + (f" page {failure['page']}" if failure["page"] is not None else "")
         error = failure["error"] or ""
         print(f"  FAILED {where}: {error.removeprefix(failure['input'] + ': ')}", file=stream)
+    documents = summary.get("documents")
+    if documents is not None:
+        failed = f", {len(documents['failed'])} failed" if documents["failed"] else ""
+        print(f"documents: {documents['written']} written (document.md, document.json, figures/){failed}", file=stream)
+        for failure in documents["failed"]:
+            print(f"  FAILED document of {failure['input']}: {failure['error']}", file=stream)
     print(f"results in {out} (summary: {out / SUMMARY_NAME})", file=stream)
