@@ -198,3 +198,16 @@ def test_runs_as_a_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dots_ocr_server.document.cli", str(tmp_path / "nope.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "no such file" in proc.stderr
+
+
+def test_document_and_client_import_no_torch(tmp_path):
+    """The client side (base install, no torch): assembling a document imports neither torch nor the
+    server's libraries."""
+    path = _pages_json(tmp_path / "in")
+    code = ("import sys; from dots_ocr_server.document.cli import main; import dots_ocr_server.client.cli; "
+            f"rc = main([{str(path)!r}]); "
+            "heavy = [m for m in ('torch', 'transformers', 'flask', 'lxml') if m in sys.modules]; "
+            "print(rc, heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.stdout.splitlines()[-1] == "0 []", proc.stderr

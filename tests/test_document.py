@@ -431,3 +431,17 @@ def test_demo_pdf_document_from_hand_written_layouts():
                                       "50~800萬採購小組會議</td><td>3、第二個星期四下午二時行政會議<br>4、政府公布之國定"
                                       "假日與本行事曆不一致時，依政府公告為準。<br>5、附屬醫療機構教學、服務，以醫院行事曆"
                                       "為準。</td></tr></tbody></table>\n")
+
+
+def test_readme_shows_that_document():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Whole documents", 1)[1]
+    shown = section.split("```markdown\n", 1)[1].split("\n```", 1)[0].splitlines()
+    lines = (DATA / "demo_pdf1.document.md").read_text(encoding="utf-8").splitlines()
+    at = 0
+    for line in shown:  # every line shown, in order; a line cut short ("…") is the start of one
+        head = line.split("…", 1)[0]
+        while at < len(lines) and not (lines[at] == line or ("…" in line and lines[at].startswith(head))):
+            at += 1
+        assert at < len(lines), f"README line not in document.md (in order): {line!r}"
+        at += 1
