@@ -177,7 +177,9 @@ def read_client_folder(folder: os.PathLike | str, page_count: int | None = None)
         try:
             previous = json.loads(earlier.read_text(encoding="utf-8"))
             source = previous.get("source")
-            metadata.setdefault("dpi", previous.get("metadata", {}).get("dpi"))
+            dpi = previous.get("metadata", {}).get("dpi")
+            if dpi is not None:
+                metadata["dpi"] = dpi
         except (OSError, ValueError, AttributeError):
             pass  # an earlier document that cannot be read adds nothing
     return PagesInput(pages=pages, source=source, metadata=metadata)
