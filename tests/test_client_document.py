@@ -91,6 +91,20 @@ def test_figures_headers_and_chunks_from_the_client(tmp_path):
         assert (folder / "document.md").read_text().startswith("Running head\n\n![Figure 1: bars.]")
         chunks = [json.loads(line) for line in (folder / "chunks.jsonl").read_text().splitlines()]
         assert [c["blocks"] for c in chunks] == [["p1-c1", "p1-c2", "p1-c3"]]
+
+        # A resumed run crops again only the figures of pages it redid, or that are missing.
+        figure = folder / "figures" / "page-1-fig-1.png"
+        before = figure.read_bytes()
+        Image.new("RGB", (200, 260), (0, 120, 0)).save(image)  # changed on disk: shows which crops are redone
+        assert _run(fake, str(image), "--out", str(out)) == 0
+        assert figure.read_bytes() == before
+        figure.unlink()
+        assert _run(fake, str(image), "--out", str(out)) == 0
+        with Image.open(figure) as crop:
+            assert crop.convert("RGB").getpixel((5, 5)) == (0, 120, 0)
+        page_image(200, 260, 0).save(image)
+        assert _run(fake, str(image), "--out", str(out), "--force") == 0  # the page redone: cropped again
+        assert figure.read_bytes() == before and len(fake.requests) == 2
     finally:
         fake.close()
 

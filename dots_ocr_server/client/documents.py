@@ -6,7 +6,8 @@ reading as ``dots-ocr-assemble``, so both give the same files).
 Only for the layout prompt types (the others give no cells to assemble). An input with a failed
 page gets no new document (an earlier one, if any, is left as it was); running the client again
 redoes the failed pages and then writes it. Figures are cropped from the input itself: the image
-file, or the PDF page rendered again at ``--dpi``.
+file, or the PDF page rendered again at ``--dpi``; only for pages done in this run or whose figure
+files are missing (a resumed run does not render a long PDF again for figures it already has).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class InputDocuments:
             self._left[id(item)] += 1
         self._broken: set[int] = set()   # inputs with a failed page
         self._done: set[int] = set()     # inputs whose document was handled
+        self._redone: dict[int, set[int]] = {}  # input -> its pages done in this run
 
     def summary(self) -> dict[str, Any] | None:
         return {"written": self.written, "failed": self.failed} if self.enabled else None
@@ -60,6 +62,8 @@ class InputDocuments:
         """One page of ``item`` finished (ok or failed); the last one writes the document."""
         if record.status == "failed":
             self._broken.add(id(item))
+        elif record.page is not None:
+            self._redone.setdefault(id(item), set()).add(record.page)
         self._left[id(item)] -= 1
         if self._left[id(item)] == 0:
             self._handle(item)
@@ -98,4 +102,11 @@ class InputDocuments:
         else:
             metadata.pop("dpi", None)
         document = assemble(pages.pages, self.options, source=item.label, metadata=metadata)
-        write_document(document, folder, lambda page: page_image(item, page, self.dpi), chunks=self.chunks)
+        redone = self._redone.get(id(item), set())
+        missing = {figure.page for figure in document.figures if not (folder / figure.file).is_file()}
+
+        def image(page: int):
+            # None: the page's figure files, cropped when the page was done, are kept as they are.
+            return page_image(item, page, self.dpi) if page in redone or page in missing else None
+
+        write_document(document, folder, image, chunks=self.chunks)
