@@ -20,6 +20,7 @@ from dots_ocr_server.document import (
     chunk_document,
     document_files,
     document_zip,
+    keep_after_retry,
     page_from_answer,
     read_pages_json,
     write_document,
@@ -357,6 +358,18 @@ def test_pages_that_cannot_be_trusted_are_marked():
         {"page": 3, "kind": "unparsable_layout", "retried_at_scale": 0.95},
         {"page": 5, "kind": "repetition"},
     ]
+
+
+def test_the_answer_kept_after_a_rescaled_retry():
+    first = {"layout": [], "done_reason": "repetition", "response": "a a a"}
+    clean = {"layout": [{"bbox": [1, 2, 3, 4], "category": "Text", "text": "ok"}], "done_reason": "stop"}
+    kept = keep_after_retry(first, clean, "repetition")
+    assert kept["layout"] == clean["layout"] and kept["rescaled_retry"] == {
+        "scale": 0.95, "problem": "repetition", "retry_problem": None, "kept": "retry"}
+    still = keep_after_retry(first, {"layout": [], "repaired": True, "response": "x"}, "repetition")
+    assert still["response"] == "a a a" and still["rescaled_retry"]["kept"] == "first"
+    assert page_from_answer(1, W, H, still).issues[0].retried_at_scale == 0.95
+    assert page_from_answer(1, W, H, kept).issues == ()
 
 
 def test_assemble_is_pure_and_checks_page_numbers(monkeypatch):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
-from dots_ocr_server.document.quality import RETRY_SCALE, answer_problem
+from dots_ocr_server.document.quality import RETRY_NOTE, RETRY_SCALE, answer_problem, keep_after_retry
 from dots_ocr_server.layout import scale_cells
 from model_runner.prompts import LAYOUT_PROMPT_TYPES, POSTPROCESS_PROMPT_TYPES
 
@@ -164,22 +164,19 @@ class RunControl:
 def _retry_rescaled(client: OCRClient, options: RequestOptions, upload: Upload, first: dict[str, Any],
                     problem: str, on_text: Callable[[int], None]) -> dict[str, Any]:
     """The page asked once more with its image scaled by RETRY_SCALE, for an answer that ended in
-    the repetition guard or held no layout (``problem``). The retry's answer is kept when it has
-    no such problem (its cells mapped back to the page's pixels), else the first one; either way
-    with a ``rescaled_retry`` note that says what happened. A retry that fails (PageError) keeps
-    the first answer."""
+    the repetition guard or held no layout (``problem``), with its cells mapped back to the page's
+    pixels; which answer is kept, and the note that says so, is the document package's rule
+    (``keep_after_retry``). A retry that fails (PageError) keeps the first answer."""
     image = upload.page_image()
     scaled, size = scaled_upload(image, RETRY_SCALE)
-    note: dict[str, Any] = {"scale": RETRY_SCALE, "problem": problem}
     try:
         second = client.ocr(build_payload(options, scaled), on_text)
     except PageError as exc:
-        return {**first, "rescaled_retry": {**note, "kept": "first", "retry_error": str(exc)}}
+        note = {"scale": RETRY_SCALE, "problem": problem, "kept": "first", "retry_error": str(exc)}
+        return {**first, RETRY_NOTE: note}
     if isinstance(second.get("layout"), list):
         second = {**second, "layout": scale_cells(second["layout"], size, image.size)}
-    after = answer_problem(second)
-    note.update(retry_problem=after, kept="first" if after else "retry")
-    return {**(first if after else second), "rescaled_retry": note}
+    return keep_after_retry(first, second, problem)
 
 
 def process_page(client: OCRClient, options: RequestOptions, task: PageTask, progress: Progress,

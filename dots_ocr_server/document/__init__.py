@@ -32,7 +32,14 @@ from .inputs import (
 from .markdown import render_blocks
 from .model import BBox, Block, Cell, CellRef, Document, Figure, PageInput, PageIssue
 from .options import AssembleOptions
-from .quality import ISSUE_REPETITION, ISSUE_UNPARSABLE, RETRY_SCALE, answer_problem
+from .quality import (
+    ISSUE_REPETITION,
+    ISSUE_UNPARSABLE,
+    RETRY_NOTE,
+    RETRY_SCALE,
+    answer_problem,
+    keep_after_retry,
+)
 from .writer import (
     CHUNKS_NAME,
     FIGURES_DIR,
@@ -48,11 +55,11 @@ from .writer import (
 
 __all__ = [
     "CHUNKS_NAME", "DEFAULT_CHUNK_CHARS", "FIGURES_DIR", "ISSUE_REPETITION", "ISSUE_UNPARSABLE",
-    "JSON_NAME", "MARKDOWN_NAME", "RETRY_SCALE",
+    "JSON_NAME", "MARKDOWN_NAME", "RETRY_NOTE", "RETRY_SCALE",
     "AssembleOptions", "BBox", "Block", "Cell", "CellRef", "Chunk", "Document", "DocumentInputError",
     "Figure", "MissingPageImageError", "PageInput", "PageIssue", "PagesInput",
     "answer_problem", "assemble", "cells_from_json", "chunk_document", "crop_figure", "document_entries",
-    "document_files", "document_zip", "figure_file", "figure_png", "load_page_image", "page_figures",
-    "page_from_answer", "page_image_loader", "read_client_folder", "read_pages_json", "render_blocks",
-    "write_bytes_atomic", "write_document",
+    "document_files", "document_zip", "figure_file", "figure_png", "keep_after_retry", "load_page_image",
+    "page_figures", "page_from_answer", "page_image_loader", "read_client_folder", "read_pages_json",
+    "render_blocks", "write_bytes_atomic", "write_document",
 ]

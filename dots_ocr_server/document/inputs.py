@@ -26,7 +26,7 @@ from dots_ocr_server.layout import clean_cells
 from model_runner.prompts import LAYOUT_PROMPT_TYPES
 
 from .model import Cell, PageInput, PageIssue
-from .quality import answer_problem
+from .quality import RETRY_NOTE, answer_problem
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,7 +39,6 @@ __all__ = [
 _PAGE_DIR = re.compile(r"^page_(\d{4,})$")  # the client's page folders (outputs.page_dir)
 _RESPONSE = "response.json"                 # the client's done marker and the server's answer
 _PAGE_IMAGE = "page.png"                    # the page as uploaded (with its layout drawn on it)
-_RETRY_NOTE = "rescaled_retry"              # the client's note of a retry at a smaller scale
 
 
 class DocumentInputError(ValueError):
@@ -97,7 +96,7 @@ def page_from_answer(page: int, width: int, height: int, answer: Mapping[str, An
     problem = answer_problem(answer)
     issues: tuple[PageIssue, ...] = ()
     if problem is not None:
-        note = answer.get(_RETRY_NOTE)
+        note = answer.get(RETRY_NOTE)
         scale = note.get("scale") if isinstance(note, Mapping) else None
         issues = (PageIssue(page, problem, retried_at_scale=_confidence(scale)),)
     try:
