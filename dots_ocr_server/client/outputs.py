@@ -24,11 +24,12 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
-    "MARKER_NAME", "SUMMARY_NAME", "PageRecord", "build_summary", "is_done", "page_dir",
+    "MARKER_NAME", "PAGE_IMAGE_NAME", "SUMMARY_NAME", "PageRecord", "build_summary", "is_done", "page_dir",
     "print_summary", "write_page_outputs", "write_summary",
 ]
 
 MARKER_NAME = "response.json"
+PAGE_IMAGE_NAME = "page.png"  # the uploaded page (with its layout drawn): its size is the layout's pixels
 LOGPROBS_NAME = "logprobs.json"  # with --logprobs: the answer's tokens and their log-probabilities
 SUMMARY_NAME = "summary.json"
 
@@ -112,7 +113,7 @@ def write_page_outputs(directory: Path, result: dict[str, Any], prompt_type: str
         (directory / name).unlink(missing_ok=True)
     _write_atomic(directory / "page.md", markdown.encode("utf-8") if markdown.endswith("\n")
                   else (markdown + "\n").encode("utf-8"))
-    _save_png_atomic(directory / "page.png", picture)
+    _save_png_atomic(directory / PAGE_IMAGE_NAME, picture)
     if "logprobs" in result:
         result = dict(result)
         _write_atomic(directory / LOGPROBS_NAME, _json_bytes(result.pop("logprobs")))

@@ -25,7 +25,7 @@ from .chunks import DEFAULT_CHUNK_CHARS
 from .inputs import (
     DocumentInputError,
     PagesInput,
-    client_page_dirs,
+    is_client_input_folder,
     is_pdf_reference,
     page_image_loader,
     read_client_folder,
@@ -102,11 +102,11 @@ def _jobs(args: argparse.Namespace) -> list[tuple[str, Path, Path]]:
         raise DocumentInputError(f"{path}: no such file or folder")
     if path.is_file():
         return [("json", path, Path(args.out) if args.out else path.parent)]
-    if client_page_dirs(path):
+    if is_client_input_folder(path):
         return [("folder", path, Path(args.out) if args.out else path)]
-    inputs = sorted(child for child in path.iterdir() if child.is_dir() and client_page_dirs(child))
+    inputs = sorted(child for child in path.iterdir() if child.is_dir() and is_client_input_folder(child))
     if not inputs:
-        raise DocumentInputError(f"{path}: neither the client's output folder of one input (page_NNNN/ folders) "
+        raise DocumentInputError(f"{path}: neither the client's output folder of one input (page_0001/ ...) "
                                  "nor its whole output folder (such folders inside)")
     if args.source:
         raise DocumentInputError(f"{path} holds {len(inputs)} inputs: --source names the file of one of them; "

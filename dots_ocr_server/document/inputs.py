@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,18 +26,16 @@ from model_runner.prompts import LAYOUT_PROMPT_TYPES
 
 from .model import Cell, PageInput, PageIssue
 from .quality import RETRY_NOTE, answer_problem
+from .writer import JSON_NAME
 
 if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
-    "DocumentInputError", "PagesInput", "cells_from_json", "client_page_dirs", "is_pdf_reference",
+    "DocumentInputError", "PagesInput", "cells_from_json", "is_client_input_folder", "is_pdf_reference",
     "load_page_image", "page_from_answer", "page_image_loader", "read_client_folder", "read_pages_json",
 ]
 
-_PAGE_DIR = re.compile(r"^page_(\d{4,})$")  # the client's page folders (outputs.page_dir)
-_RESPONSE = "response.json"                 # the client's done marker and the server's answer
-_PAGE_IMAGE = "page.png"                    # the page as uploaded (with its layout drawn on it)
 
 
 class DocumentInputError(ValueError):
@@ -56,7 +53,7 @@ class PagesInput:
     images: dict[int, str] = field(default_factory=dict)
 
 
-def _confidence(value: Any) -> float | None:
+def _finite_number(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
@@ -70,7 +67,7 @@ def cells_from_json(items: Any, where: str = "layout") -> tuple[Cell, ...]:
         raise DocumentInputError(f"{where} must be a list of cells, got {type(items).__name__}")
     cleaned, _changed = clean_cells(items)
     return tuple(Cell(category=cell["category"], bbox=tuple(cell["bbox"]) if "bbox" in cell else None,
-                      text=cell.get("text"), confidence=_confidence(cell.get("confidence")))
+                      text=cell.get("text"), confidence=_finite_number(cell.get("confidence")))
                  for cell in cleaned)
 
 
@@ -98,7 +95,7 @@ def page_from_answer(page: int, width: int, height: int, answer: Mapping[str, An
     if problem is not None:
         note = answer.get(RETRY_NOTE)
         scale = note.get("scale") if isinstance(note, Mapping) else None
-        issues = (PageIssue(page, problem, retried_at_scale=_confidence(scale)),)
+        issues = (PageIssue(page, problem, retried_at_scale=_finite_number(scale)),)
     try:
         return PageInput(page=page, width=width, height=height, cells=cells, issues=issues)
     except ValueError as exc:
@@ -126,53 +123,61 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DocumentInputError(f"{path}: cannot read the page size from it ({exc})") from None
 
 
-def client_page_dirs(folder: Path) -> dict[int, Path]:
-    """Page number -> ``page_NNNN`` folder, for one input's folder of the client's output."""
-    found: dict[int, Path] = {}
-    for child in folder.iterdir() if folder.is_dir() else ():
-        match = _PAGE_DIR.match(child.name)
-        if match and child.is_dir():
-            found[int(match.group(1))] = child
-    return dict(sorted(found.items()))
+def _client_layout():
+    """The client's names for its per-page files (their one home is the client's outputs module;
+    imported here, when a folder is read, because the client imports this package)."""
+    from dots_ocr_server.client import outputs
+
+    return outputs
+
+
+def is_client_input_folder(folder: Path) -> bool:
+    """True for the client's folder of one input (``OUT/<input>``, with ``page_0001/`` in it)."""
+    return _client_layout().page_dir(folder.parent, folder.name, 1).is_dir()
 
 
 def read_client_folder(folder: os.PathLike | str, page_count: int | None = None) -> PagesInput:
     """The pages of one input of ``dots-ocr-client`` (``folder`` = ``OUT/<input>``): pages 1 ..
-    ``page_count`` (default: as many as the folder has). Every page must be done (its
-    ``response.json`` written) with a layout prompt type. ``metadata``: ``model``, ``prompt_type``
-    and ``page_count`` from the answers, plus ``dpi`` from an earlier ``document.json`` there."""
+    ``page_count`` (default: the ``page_count`` of page 1's answer, which the client records for
+    a PDF; 1 for an image). Every page must be done (its ``response.json`` written) with a layout
+    prompt type; the page size is that of its ``page.png``. ``metadata``: ``model``,
+    ``prompt_type`` and ``page_count`` from the answers, plus ``dpi`` from an earlier
+    ``document.json`` there."""
+    client = _client_layout()
     folder = Path(folder)
     if not folder.is_dir():
         raise DocumentInputError(f"{folder}: no such folder")
-    dirs = client_page_dirs(folder)
-    if not dirs:
-        raise DocumentInputError(f"{folder}: no page_NNNN folders in it (not the client's output folder "
-                                 "of one input)")
-    count = page_count if page_count is not None else max(dirs)
+    if not is_client_input_folder(folder):
+        raise DocumentInputError(f"{folder}: no page_0001 folder in it (not the client's output folder of one input)")
     pages: list[PageInput] = []
     metadata: dict[str, Any] = {}
-    for number in range(1, count + 1):
-        directory = dirs.get(number)
-        if directory is None or not (directory / _RESPONSE).is_file():
-            raise DocumentInputError(f"{folder}: page {number} is not done (no page_{number:04d}/{_RESPONSE}); "
+    count = page_count
+    number = 1
+    while count is None or number <= count:
+        directory = client.page_dir(folder.parent, folder.name, number)
+        marker = directory / client.MARKER_NAME
+        if not marker.is_file():
+            raise DocumentInputError(f"{folder}: page {number} is not done (no {directory.name}/{marker.name}); "
                                      "run dots-ocr-client on the input again")
-        answer = _read_json(directory / _RESPONSE)
+        answer = _read_json(marker)
         if not isinstance(answer, dict):
-            raise DocumentInputError(f"{directory / _RESPONSE}: not a JSON object")
+            raise DocumentInputError(f"{marker}: not a JSON object")
         prompt_type = answer.get("prompt_type")
         if prompt_type not in LAYOUT_PROMPT_TYPES:
-            raise DocumentInputError(f"{directory / _RESPONSE}: made with prompt_type {prompt_type!r}, which "
-                                     f"gives no layout (documents need one of {', '.join(LAYOUT_PROMPT_TYPES)})")
+            raise DocumentInputError(f"{marker}: made with prompt_type {prompt_type!r}, which gives no layout "
+                                     f"(documents need one of {', '.join(LAYOUT_PROMPT_TYPES)})")
+        if count is None:
+            recorded = answer.get("page_count")
+            count = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0 else 1
         metadata.setdefault("model", answer.get("model"))
         metadata.setdefault("prompt_type", prompt_type)
-        if isinstance(answer.get("page_count"), int):
-            metadata.setdefault("page_count", answer["page_count"])
-        width, height = _image_size(directory / _PAGE_IMAGE)
-        pages.append(page_from_answer(number, width, height, answer, where=str(directory / _RESPONSE)))
-    metadata.setdefault("page_count", count)
-    earlier = folder / "document.json"
+        width, height = _image_size(directory / client.PAGE_IMAGE_NAME)
+        pages.append(page_from_answer(number, width, height, answer, where=str(marker)))
+        number += 1
+    metadata["page_count"] = count
     source = None
-    if earlier.is_file():
+    earlier = folder / JSON_NAME
+    if earlier.is_file():  # the client's: what it knew (the input's name, the PDF's dpi) is kept
         try:
             previous = json.loads(earlier.read_text(encoding="utf-8"))
             source = previous.get("source")
