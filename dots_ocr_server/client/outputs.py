@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from dots_ocr_server.document.writer import write_bytes_atomic as _write_atomic
 from model_runner.prompts import LAYOUT_PROMPT_TYPES, SCENE_SPOTTING_PROMPT_TYPE, SVG_PROMPT_TYPE
 
 if TYPE_CHECKING:
@@ -41,23 +42,6 @@ def page_dir(out: Path, name: str, page: int) -> Path:
 def is_done(directory: Path) -> bool:
     """A page is done once its response.json exists (it is written last)."""
     return (directory / MARKER_NAME).exists()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, flush it to disk, rename it over."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _save_png_atomic(path: Path, image: "Image.Image") -> None:
