@@ -133,3 +133,12 @@ def ok_answer(body: dict):
 
 
 BUSY = (429, {"error": "Server is busy processing another request"})
+
+
+def layout_answer(cells: list, *, done_reason: str = "stop", repaired: bool = False, response: str | None = None):
+    """A scripted /ocr answer with a post-processed layout (``cells`` in the uploaded image's pixels)."""
+    def answer(body: dict):
+        return 200, {"model": "dots-ocr", "response": json.dumps(cells) if response is None else response,
+                     "prompt_type": body["prompt_type"], "done_reason": done_reason, "layout": cells,
+                     "markdown": "\n\n".join(c.get("text", "") for c in cells), "repaired": repaired}
+    return answer

@@ -154,3 +154,31 @@ def test_logprobs_saved_next_to_the_page(real_server, tmp_path, stream):
     assert _run(str(image), "--server", real_server, "--out", str(out), "--prompt-type", "prompt_ocr",
                 "--force") == 0
     assert not (page / "logprobs.json").exists()
+
+
+
+def test_documents_next_to_the_pages(first_run):
+    """Each input's document.md / document.json next to its pages, from the real server's answers.
+    A page whose answer loops or is no layout JSON (the tiny model's usually are not) was asked
+    again at scale 0.95; if still bad, it is in the document's issues."""
+    from dots_ocr_server.document import answer_problem
+
+    out = first_run["out"]
+    summary = read_summary(out)
+    assert summary["documents"] == {"written": 3, "failed": []}
+    retried = 0
+    for name, pages in (("alpha", 1), ("beta", 1), ("demo_pdf1", 2)):
+        assert (out / name / "document.md").is_file()
+        data = json.loads((out / name / "document.json").read_text())
+        assert [p["page"] for p in data["pages"]] == list(range(1, pages + 1))
+        answers = [json.loads((out / name / f"page_{n:04d}" / "response.json").read_text())
+                   for n in range(1, pages + 1)]
+        assert data["issues"] == [{"page": n, "kind": answer_problem(a), "retried_at_scale": 0.95}
+                                  for n, a in enumerate(answers, start=1) if answer_problem(a)]
+        for answer in answers:
+            if answer_problem(answer):
+                assert answer["rescaled_retry"]["kept"] == "first"
+            elif "rescaled_retry" in answer:
+                assert answer["rescaled_retry"]["kept"] == "retry"
+            retried += "rescaled_retry" in answer
+    assert summary["rescaled_retries"] == retried

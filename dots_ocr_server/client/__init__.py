@@ -5,7 +5,8 @@ image per page) to ``POST /ocr``, several pages in flight, and writes per-page r
 Run it as ``python scripts/ocr_client.py INPUT...`` or ``dots-ocr-client INPUT...``; see
 docs/CLIENT.md. Modules: ``inputs`` (files, folders, PDF pages -> uploads), ``http_client``
 (``/health``, ``/ocr``, 429 retries), ``outputs`` (per-page files, resume marker, summary),
-``batch`` (the pages in flight), ``cli`` (the command line).
+``batch`` (the pages in flight), ``documents`` (each input's document.md / document.json /
+figures, docs/DOCUMENT_FORMAT.md), ``cli`` (the command line).
 """
 from .cli import main
 

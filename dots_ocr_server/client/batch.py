@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
+from dots_ocr_server.document.quality import RETRY_NOTE, RETRY_SCALE, answer_problem, keep_after_retry
+from dots_ocr_server.layout import scale_cells
 from model_runner.prompts import LAYOUT_PROMPT_TYPES, POSTPROCESS_PROMPT_TYPES
 
 from .errors import PageError
 from .http_client import OCRClient
-from .inputs import InputFile, Upload, label, prepare_upload
+from .inputs import InputFile, Upload, label, prepare_upload, scaled_upload
 from .outputs import MARKER_NAME, PageRecord, write_page_outputs
 
 __all__ = ["PageTask", "Progress", "RequestOptions", "RunControl", "build_payload", "process_page", "run_pages"]
@@ -38,6 +40,7 @@ class RequestOptions:
     question: Optional[str] = None  # prompt_general's question
     logprobs: bool = False
     top_logprobs: Optional[int] = None
+    rescaled_retry: bool = True  # layout types: ask once more at RETRY_SCALE when the answer loops or is no layout
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,24 @@ class RunControl:
             self._cond.wait_for(lambda: self._writing == 0, timeout=wait_s)
 
 
+def _retry_rescaled(client: OCRClient, options: RequestOptions, upload: Upload, first: dict[str, Any],
+                    problem: str, on_text: Callable[[int], None]) -> dict[str, Any]:
+    """The page asked once more with its image scaled by RETRY_SCALE, for an answer that ended in
+    the repetition guard or held no layout (``problem``), with its cells mapped back to the page's
+    pixels; which answer is kept, and the note that says so, is the document package's rule
+    (``keep_after_retry``). A retry that fails (PageError) keeps the first answer."""
+    image = upload.page_image()
+    scaled, size = scaled_upload(image, RETRY_SCALE)
+    try:
+        second = client.ocr(build_payload(options, scaled), on_text)
+    except PageError as exc:
+        note = {"scale": RETRY_SCALE, "problem": problem, "kept": "first", "retry_error": str(exc)}
+        return {**first, RETRY_NOTE: note}
+    if isinstance(second.get("layout"), list):
+        second = {**second, "layout": scale_cells(second["layout"], size, image.size)}
+    return keep_after_retry(first, second, problem)
+
+
 def process_page(client: OCRClient, options: RequestOptions, task: PageTask, progress: Progress,
                  control: RunControl) -> Optional[PageRecord]:
     """One page: upload, request, outputs. PageError / OSError become a failed record; None when
@@ -168,6 +189,10 @@ def process_page(client: OCRClient, options: RequestOptions, task: PageTask, pro
         (task.directory / MARKER_NAME).unlink(missing_ok=True)  # with --force: not done until done again
         upload = prepare_upload(task.item, task.page, options.dpi)
         result = client.ocr(build_payload(options, upload), progress.text_callback(task.index))
+        problem = answer_problem(result) if options.prompt_type in LAYOUT_PROMPT_TYPES else None
+        if problem and options.rescaled_retry:
+            result = _retry_rescaled(client, options, upload, result, problem, progress.text_callback(task.index))
+            record.retried = True
         result = _complete_result(result, options.prompt_type, upload)
         image = upload.page_image()
         if not control.begin_writing():

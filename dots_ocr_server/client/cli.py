@@ -3,7 +3,9 @@
 Every page becomes one ``POST /ocr`` request with one image (a PDF page is rendered here and sent
 as a PNG), ``--concurrency`` pages in flight at a time (default: the server's ``max_batch_size``).
 Results land in ``OUT/<input name>/page_NNNN/`` (see :mod:`ocr_client.outputs`); a page whose
-``response.json`` exists is skipped on the next run (``--force`` redoes it).
+``response.json`` exists is skipped on the next run (``--force`` redoes it). With a layout prompt
+type, each input whose pages are all done also gets its document in ``OUT/<input name>/``
+(``document.md``, ``document.json``, ``figures/``; see :mod:`.documents`).
 
 The run ends with a summary (also ``OUT/summary.json``). Exit codes: 0 all pages done,
 1 some page failed, 2 the run could not go on (server unreachable, API key refused, bad
@@ -25,6 +27,7 @@ from image_utils.policy import DEFAULT_PDF_DPI, MAX_PDF_DPI, MIN_PDF_DPI
 from model_runner.prompts import GROUNDING_PROMPT_TYPE, LAYOUT_PROMPT_TYPES, PROMPT_TYPES, QUESTION_PROMPT_TYPES
 
 from .batch import PageTask, Progress, RequestOptions, RunControl, process_page, run_pages
+from .documents import InputDocuments
 from .errors import FatalError
 from .http_client import API_KEY_ENV, OCRClient
 from .inputs import InputFile, assign_names, collect_inputs, label
@@ -109,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask for every token's log-probability and save them per page in logprobs.json")
     add("--top-logprobs", metavar="K", type=_ranged(int, 1, 5), default=None,
         help="with --logprobs: also the K most likely tokens at each step, 1..5")
+    add("--keep-headers", action="store_true",
+        help="keep page headers and footers in document.md (layout prompt types)")
+    add("--chunks", action="store_true",
+        help="also write chunks.jsonl per input: heading-aware chunks for retrieval (layout prompt types)")
+    add("--no-rescaled-retry", action="store_true",
+        help="do not ask again, at 0.95 of the image size, for a page whose answer looped (repetition guard) "
+             "or held no layout JSON (layout prompt types)")
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -136,7 +146,8 @@ def _options(args: argparse.Namespace) -> RequestOptions:
     return RequestOptions(prompt_type=args.prompt_type, dpi=args.dpi, temperature=args.temperature,
                           top_p=args.top_p, max_new_tokens=args.max_new_tokens, stream=bool(args.stream),
                           skip_headers_footers=bool(args.skip_headers_footers), question=args.prompt,
-                          logprobs=bool(args.logprobs or args.top_logprobs), top_logprobs=args.top_logprobs)
+                          logprobs=bool(args.logprobs or args.top_logprobs), top_logprobs=args.top_logprobs,
+                          rescaled_retry=not args.no_rescaled_retry)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -153,8 +164,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     def say(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
-    if args.skip_headers_footers and args.prompt_type not in LAYOUT_PROMPT_TYPES:
-        say(f"warning: --skip-headers-footers has no effect with {args.prompt_type}")
+    for flag in ("skip_headers_footers", "keep_headers", "chunks", "no_rescaled_retry"):
+        if getattr(args, flag) and args.prompt_type not in LAYOUT_PROMPT_TYPES:
+            say(f"warning: --{flag.replace('_', '-')} has no effect with {args.prompt_type}")
     items = collect_inputs(args.inputs, warn=say)
     assign_names(items)
     if not items:
@@ -165,6 +177,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             say(f"FAILED {item.error}")
     out = Path(args.out).expanduser()
     records, tasks = _plan(items, out, args.force)
+    documents = InputDocuments(items, [task.item for task in tasks], out, prompt_type=args.prompt_type,
+                               dpi=args.dpi, keep_headers=args.keep_headers, chunks=args.chunks, say=say)
 
     client = OCRClient(args.server, api_key=args.api_key, timeout=args.timeout,
                        max_retries=args.max_retries, retry_wait=args.retry_wait,
@@ -190,6 +204,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if record.status == "failed":
                     say(f"FAILED {task.item.label} page {task.page}: {record.error}")
                 progress.advance(description=f"{task.item.label} p{task.page}/{task.item.page_count}")
+                documents.page_done(task.item, record)
+        documents.finish()
     except FatalError as exc:
         fatal = str(exc)
     except KeyboardInterrupt:
@@ -206,7 +222,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_FATAL
     summary = build_summary(finished, server=client.server, prompt_type=args.prompt_type, out=out,
                             concurrency=concurrency, started=started, started_at=started_at,
-                            retries=client.retries, fatal=fatal or ("interrupted" if interrupted else None))
+                            retries=client.retries, fatal=fatal or ("interrupted" if interrupted else None),
+                            documents=documents.summary())
     try:
         write_summary(out, summary)
     except OSError as exc:
@@ -218,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if interrupted:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return EXIT_FAILED if summary["failed"] else EXIT_OK
+    return EXIT_FAILED if summary["failed"] or documents.failed else EXIT_OK
 
 
 if __name__ == "__main__":

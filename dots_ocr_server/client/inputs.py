@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INPUT_SUFFIXES", "SUPPORTED_TEXT", "InputFile", "Upload", "assign_names", "classify",
-    "collect_inputs", "label", "prepare_upload",
+    "collect_inputs", "label", "page_image", "prepare_upload", "scaled_upload",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -248,3 +248,26 @@ def prepare_upload(item: InputFile, page: int, dpi: int) -> Upload:
         raise PageError("the file is no longer a PDF (changed during the run?)")
     return Upload(image_b64=_png_base64(loaded.image), rendered=loaded.image, page=page,
                   page_count=loaded.page_count)
+
+
+def scaled_upload(image: Image.Image, scale: float) -> tuple[Upload, tuple[int, int]]:
+    """An upload of ``image`` resized by ``scale`` (each side, at least 1 px), and that size."""
+    from PIL import Image
+
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return Upload(image_b64=_png_base64(image.resize(size, Image.Resampling.LANCZOS))), size
+
+
+def page_image(item: InputFile, page: int, dpi: int) -> Image.Image:
+    """Page ``page`` of ``item`` as the server saw it when it was uploaded (an image decoded as the
+    server decodes it, a PDF page rendered at ``dpi``), without encoding an upload. PageError if
+    the file cannot be read or rendered."""
+    from image_utils import ImageInputError, load_document
+
+    try:
+        if item.kind == "image":
+            return load_document(os.path.abspath(item.path), "path", _policy()).image
+        with _RENDER_LOCK:
+            return load_document(os.path.abspath(item.path), "path", _policy(), page=page, dpi=dpi).image
+    except ImageInputError as exc:
+        raise PageError(f"cannot load page {page} of {item.label}: {exc.message}") from None

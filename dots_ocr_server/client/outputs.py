@@ -18,17 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from dots_ocr_server.document.writer import write_bytes_atomic as _write_atomic
 from model_runner.prompts import LAYOUT_PROMPT_TYPES, SCENE_SPOTTING_PROMPT_TYPE, SVG_PROMPT_TYPE
 
 if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
-    "MARKER_NAME", "SUMMARY_NAME", "PageRecord", "build_summary", "is_done", "page_dir",
+    "MARKER_NAME", "PAGE_IMAGE_NAME", "SUMMARY_NAME", "PageRecord", "build_summary", "is_done", "page_dir",
     "print_summary", "write_page_outputs", "write_summary",
 ]
 
 MARKER_NAME = "response.json"
+PAGE_IMAGE_NAME = "page.png"  # the uploaded page (with its layout drawn): its size is the layout's pixels
 LOGPROBS_NAME = "logprobs.json"  # with --logprobs: the answer's tokens and their log-probabilities
 SUMMARY_NAME = "summary.json"
 
@@ -40,23 +42,6 @@ def page_dir(out: Path, name: str, page: int) -> Path:
 def is_done(directory: Path) -> bool:
     """A page is done once its response.json exists (it is written last)."""
     return (directory / MARKER_NAME).exists()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, flush it to disk, rename it over."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _save_png_atomic(path: Path, image: "Image.Image") -> None:
@@ -112,7 +97,7 @@ def write_page_outputs(directory: Path, result: dict[str, Any], prompt_type: str
         (directory / name).unlink(missing_ok=True)
     _write_atomic(directory / "page.md", markdown.encode("utf-8") if markdown.endswith("\n")
                   else (markdown + "\n").encode("utf-8"))
-    _save_png_atomic(directory / "page.png", picture)
+    _save_png_atomic(directory / PAGE_IMAGE_NAME, picture)
     if "logprobs" in result:
         result = dict(result)
         _write_atomic(directory / LOGPROBS_NAME, _json_bytes(result.pop("logprobs")))
@@ -132,6 +117,7 @@ class PageRecord:
     dir: Optional[str] = None
     seconds: Optional[float] = None
     repaired: Optional[bool] = None
+    retried: Optional[bool] = None  # asked again at a smaller scale (see batch._retry_rescaled)
     error: Optional[str] = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -139,9 +125,11 @@ class PageRecord:
 
 
 def build_summary(records: list[PageRecord], *, server: str, prompt_type: str, out: Path, concurrency: Optional[int],
-                  started: float, started_at: str, retries: int, fatal: Optional[str]) -> dict[str, Any]:
+                  started: float, started_at: str, retries: int, fatal: Optional[str],
+                  documents: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The run's summary; ``started`` is a ``time.monotonic()`` reading, ``fatal`` why it stopped
-    early (None when it ran to the end)."""
+    early (None when it ran to the end), ``documents`` what became of the inputs' documents
+    (``{"written", "failed": [{"input", "error"}]}``, layout prompt types only)."""
     ok = [r for r in records if r.status == "ok"]
     work = sum(r.seconds or 0.0 for r in ok)
     elapsed = time.monotonic() - started
@@ -157,6 +145,7 @@ def build_summary(records: list[PageRecord], *, server: str, prompt_type: str, o
         "failed": sum(r.status == "failed" for r in records),
         "skipped": sum(r.status == "skipped" for r in records),
         "repaired": sum(bool(r.repaired) for r in ok),
+        "rescaled_retries": sum(bool(r.retried) for r in ok),
         "busy_retries": retries,
         "seconds_total": round(elapsed, 3),
         "seconds_per_page": round(work / len(ok), 3) if ok else None,
@@ -164,6 +153,8 @@ def build_summary(records: list[PageRecord], *, server: str, prompt_type: str, o
         "failures": [{"input": r.input, "page": r.page, "error": r.error} for r in records if r.status == "failed"],
         "page_results": [r.as_dict() for r in records],
     }
+    if documents is not None:
+        summary["documents"] = documents
     if fatal:
         summary["error"] = fatal
     return summary
@@ -180,11 +171,18 @@ def print_summary(summary: dict[str, Any], out: Path, stream) -> None:
     rate = f", {per_page:.2f} s/page" if per_page is not None else ""
     if summary["pages_per_second"] is not None and (summary["concurrency"] or 1) > 1:
         rate += f", {summary['pages_per_second']:.2f} pages/s with {summary['concurrency']} in flight"
+    retried = f", {summary['rescaled_retries']} asked again at a smaller scale" if summary["rescaled_retries"] else ""
     print(f"pages: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} skipped, "
-          f"{summary['repaired']} repaired (of {summary['pages']}) in {summary['seconds_total']:.1f} s{rate}",
+          f"{summary['repaired']} repaired{retried} (of {summary['pages']}) in {summary['seconds_total']:.1f} s{rate}",
           file=stream)
     for failure in summary["failures"]:
         where = failure["input"] + (f" page {failure['page']}" if failure["page"] is not None else "")
         error = failure["error"] or ""
         print(f"  FAILED {where}: {error.removeprefix(failure['input'] + ': ')}", file=stream)
+    documents = summary.get("documents")
+    if documents is not None:
+        failed = f", {len(documents['failed'])} failed" if documents["failed"] else ""
+        print(f"documents: {documents['written']} written (document.md, document.json, figures/){failed}", file=stream)
+        for failure in documents["failed"]:
+            print(f"  FAILED document of {failure['input']}: {failure['error']}", file=stream)
     print(f"results in {out} (summary: {out / SUMMARY_NAME})", file=stream)
