@@ -108,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     halves = bench.add_mutually_exclusive_group()
     halves.add_argument("--predictions-only", action="store_true", help="write the Markdown, do not score")
     halves.add_argument("--score-only", action="store_true", help="score the candidate folder written earlier")
-    bench.add_argument("--allow-missing", action="store_true",
-                       help="score even when pages are missing (their tests fail); the scorer's --force")
     bench.add_argument("--bootstrap-samples", type=_ranged(int, 10), default=1000,
                        help="the scorer's bootstrap samples for the confidence interval (default 1000)")
     bench.add_argument("--label", default=None, help="free text saved in the report (e.g. 'bf16, fast path')")
@@ -220,8 +218,7 @@ def run_olmocr_bench(args: argparse.Namespace) -> int:
              f"{failed} failed, of {predictions['pages']} in {folder / args.name}")
     report["settings"] = olmocr_bench.load_settings(folder, args.name)
     if not args.predictions_only:
-        summary = olmocr_bench.run_scorer(folder, args.name, bootstrap_samples=args.bootstrap_samples,
-                                          allow_missing=args.allow_missing)
+        summary = olmocr_bench.run_scorer(folder, args.name, bootstrap_samples=args.bootstrap_samples)
         report.update(summary)
         print("\n".join(olmocr_bench.summary_lines(report)))
         failed += len(summary["errors"])

@@ -222,17 +222,16 @@ def scorer_version() -> str | None:
         return None
 
 
-def run_scorer(folder: Path, name: str, *, bootstrap_samples: int = 1000, allow_missing: bool = False,
+def run_scorer(folder: Path, name: str, *, bootstrap_samples: int = 1000,
                timeout_s: float | None = None) -> dict[str, Any]:
     """The official scorer on candidate ``name``; its summary (``parse_scorer_output``), with the
-    command and where its output was kept."""
+    command and where its output was kept. A candidate that lacks a page's Markdown gets no score
+    from it (the scorer's rule), only errors naming the page: rerun the predictions (they resume)."""
     check_scorer()
     if not (folder / name).is_dir():
         raise BenchError(f"no candidate folder {folder / name} (write it first: without --score-only)")
     command = [sys.executable, "-m", SCORER_MODULE, "--dir", str(folder), "--candidate", name,
                "--bootstrap_samples", str(bootstrap_samples)]
-    if allow_missing:
-        command.append("--force")
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout_s,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log = folder / name / SCORER_LOG
