@@ -27,7 +27,7 @@ from model_runner.prompts import (
 
 from .pages import PageImage
 
-__all__ = ["APIS", "IMAGE_PLACEHOLDER", "Answer", "Generation", "OcrDriver", "OpenAIDriver", "make_driver"]
+__all__ = ["APIS", "IMAGE_PLACEHOLDER", "Answer", "Generation", "OcrDriver", "OpenAIDriver", "make_driver", "ocr_payload"]
 
 APIS = ("ocr", "openai")
 #: Where the image goes in the text of a ``/v1`` message (upstream's parser writes it first).
@@ -96,26 +96,31 @@ class _Driver:
         self.client.close()
 
 
+def ocr_payload(image: PageImage, gen: Generation) -> dict[str, Any]:
+    """The ``/ocr`` body for one page (``scripts/bench_throughput.py`` sends it too)."""
+    body: dict[str, Any] = {"image": image.b64, "image_format": "base64", "prompt_type": gen.prompt_type,
+                            "temperature": gen.temperature, "top_p": gen.top_p,
+                            "max_new_tokens": gen.max_new_tokens, "stream": gen.stream}
+    if gen.question is not None:
+        body["prompt"] = gen.question
+    if gen.tokens:
+        body["logprobs"] = True
+    if gen.markdown and gen.prompt_type in POSTPROCESS_PROMPT_TYPES:
+        body["postprocess"] = True
+        if gen.skip_headers_footers and gen.prompt_type in LAYOUT_PROMPT_TYPES:
+            body["skip_headers_footers"] = True
+    if gen.ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
 class OcrDriver(_Driver):
     """``POST /ocr`` with one base64 page."""
 
     api = "ocr"
 
     def payload(self, image: PageImage, gen: Generation) -> dict[str, Any]:
-        body: dict[str, Any] = {"image": image.b64, "image_format": "base64", "prompt_type": gen.prompt_type,
-                                "temperature": gen.temperature, "top_p": gen.top_p,
-                                "max_new_tokens": gen.max_new_tokens, "stream": gen.stream}
-        if gen.question is not None:
-            body["prompt"] = gen.question
-        if gen.tokens:
-            body["logprobs"] = True
-        if gen.markdown and gen.prompt_type in POSTPROCESS_PROMPT_TYPES:
-            body["postprocess"] = True
-            if gen.skip_headers_footers and gen.prompt_type in LAYOUT_PROMPT_TYPES:
-                body["skip_headers_footers"] = True
-        if gen.ignore_eos:
-            body["ignore_eos"] = True
-        return body
+        return ocr_payload(image, gen)
 
     def send(self, image: PageImage, gen: Generation) -> Answer:
         first: list[float] = []  # when the first text arrived (streamed)
