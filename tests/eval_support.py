@@ -34,6 +34,9 @@ TABLE_TESTS = [
      "left": "Answer", "top_heading": "Value"},
 ]
 
+MATH_TESTS = [{"pdf": "chart.pdf", "page": 1, "id": "chart_math", "type": "math", "math": "a^2 + b^2 = c^2"}]
+MATH_MARKDOWN = "$$a^{2}+b^{2}=c^{2}$$"  # not the same string: the scorer compares the KaTeX renders
+
 TABLE_HTML = ("<table><tr><th>Name</th><th>Value</th></tr>"
               "<tr><td>Answer</td><td>42</td></tr></table>")
 
@@ -67,11 +70,13 @@ def _one_page_pdf(sample: str, page: int, target: Path) -> None:
         Image.open(source).convert("RGB").save(target, format="PDF", resolution=72.0)
 
 
-def make_bench_folder(folder: Path) -> Path:
-    """The bench folder: pdfs/ and two test files (text.jsonl, tables.jsonl)."""
+def make_bench_folder(folder: Path, math: bool = False) -> Path:
+    """The bench folder: pdfs/ and two test files (text.jsonl, tables.jsonl), with ``math`` a
+    third (math.jsonl)."""
     for pdf, (sample, page) in BENCH_PDFS.items():
         _one_page_pdf(sample, page, folder / "pdfs" / pdf)
-    for name, tests in (("text.jsonl", TEXT_TESTS), ("tables.jsonl", TABLE_TESTS)):
+    files = [("text.jsonl", TEXT_TESTS), ("tables.jsonl", TABLE_TESTS)] + ([("math.jsonl", MATH_TESTS)] if math else [])
+    for name, tests in files:
         (folder / name).write_text("".join(json.dumps(test) + "\n" for test in tests))
     return folder
 

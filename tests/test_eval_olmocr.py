@@ -11,6 +11,7 @@ import requests
 from eval_support import (
     BENCH_PDFS,
     BROKEN_ORACLE,
+    MATH_MARKDOWN,
     ORACLE,
     demo_server,
     make_bench_folder,
@@ -107,6 +108,32 @@ def test_predictions_resume_and_v1_writes_the_same_markdown(server, bench, capsy
     assert cli.main(["olmocr-bench", str(bench), "--score-only", "--name", "by_v1", "--bootstrap-samples", "50"]) == 0
     report = json.loads((bench / "by_v1" / "report.json").read_text())
     assert report["settings"]["api"] == "openai" and report["tests"] == 8  # settings kept from the predictions
+
+
+def _chromium() -> str:
+    """The browser the /ui tests use (tests/test_ui_browser.py's rule)."""
+    from test_ui_browser import chromium_executable
+
+    executable = chromium_executable()
+    assert executable, "the math test needs Chromium: `sudo apt-get install chromium` (or set DOTS_OCR_CHROMIUM)"
+    return executable
+
+
+def test_math_tests_render_with_the_named_chromium_offline(tmp_path, monkeypatch, capsys):
+    browser = _chromium()
+    # a fresh home: no equation cache of olmocr's and no browser downloaded by Playwright
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PLAYWRIGHT_BROWSERS_PATH", raising=False)
+    monkeypatch.delenv("DOTS_OCR_CHROMIUM", raising=False)
+    bench = make_bench_folder(tmp_path / "bench", math=True)
+    write_candidate(bench, "oracle", {**ORACLE, "chart.pdf": ORACLE["chart.pdf"] + "\n\n" + MATH_MARKDOWN})
+    assert cli.main(["olmocr-bench", str(bench), "--score-only", "--name", "oracle"]) == 2
+    assert "playwright install chromium" in capsys.readouterr().err
+    assert cli.main(["olmocr-bench", str(bench), "--score-only", "--name", "oracle", "--chromium", browser,
+                     "--bootstrap-samples", "50"]) == 0
+    report = json.loads((bench / "oracle" / "report.json").read_text())
+    assert report["by_test_type"]["math"] == {"score": 100.0, "tests": 1} and report["score"] == 100.0
+    assert report["scorer"]["command"][2] == "dots_ocr_server.eval.scorer_main"
 
 
 def test_a_missing_scorer_names_the_extra(bench, monkeypatch, capsys):

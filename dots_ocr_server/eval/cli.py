@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     halves.add_argument("--score-only", action="store_true", help="score the candidate folder written earlier")
     bench.add_argument("--bootstrap-samples", type=_ranged(int, 10), default=1000,
                        help="the scorer's bootstrap samples for the confidence interval (default 1000)")
+    bench.add_argument("--chromium", metavar="PATH", default=os.environ.get("DOTS_OCR_CHROMIUM") or None,
+                       help="the browser the scorer's math tests render with (default: $DOTS_OCR_CHROMIUM, else "
+                            "Playwright's own download); offline, e.g. Debian's /usr/bin/chromium")
     bench.add_argument("--label", default=None, help="free text saved in the report (e.g. 'bf16, fast path')")
     bench.add_argument("--json-out", metavar="FILE", default=None,
                        help="the report (default BENCH_DIR/NAME/report.json)")
@@ -133,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--iou-match", type=_ranged(float, 0.01, 1), default=compare.DEFAULT_IOU_MATCH,
                       help=f"least IoU for two layout cells to match (default {compare.DEFAULT_IOU_MATCH})")
     comp.add_argument("--expect-identical", action="store_true", help="exit 1 unless every page is identical")
-    comp.add_argument("--json-out", metavar="FILE", default=None, help="also write the report there (JSON)")
+    comp.add_argument("--json-out", metavar="FILE", default=None,
+                      help="also write the report there as JSON ('-': standard output, after the table)")
     _add_connection(comp)
 
     load = commands.add_parser("throughput", help="pages/s, tokens/s, TTFT and latency of running servers",
@@ -218,7 +222,8 @@ def run_olmocr_bench(args: argparse.Namespace) -> int:
              f"{failed} failed, of {predictions['pages']} in {folder / args.name}")
     report["settings"] = olmocr_bench.load_settings(folder, args.name)
     if not args.predictions_only:
-        summary = olmocr_bench.run_scorer(folder, args.name, bootstrap_samples=args.bootstrap_samples)
+        summary = olmocr_bench.run_scorer(folder, args.name, bootstrap_samples=args.bootstrap_samples,
+                                          chromium=args.chromium)
         report.update(summary)
         print("\n".join(olmocr_bench.summary_lines(report)))
         failed += len(summary["errors"])

@@ -222,24 +222,35 @@ def scorer_version() -> str | None:
         return None
 
 
-def run_scorer(folder: Path, name: str, *, bootstrap_samples: int = 1000,
+def scorer_command(folder: Path, name: str, bootstrap_samples: int, chromium: str | None) -> list[str]:
+    """``python -m olmocr.bench.benchmark ...``; with ``chromium``, the same scorer through
+    ``scorer_main``, which makes Playwright launch that browser for the math tests."""
+    arguments = ["--dir", str(folder), "--candidate", name, "--bootstrap_samples", str(bootstrap_samples)]
+    if chromium:
+        return [sys.executable, "-m", "dots_ocr_server.eval.scorer_main", chromium, *arguments]
+    return [sys.executable, "-m", SCORER_MODULE, *arguments]
+
+
+def run_scorer(folder: Path, name: str, *, bootstrap_samples: int = 1000, chromium: str | None = None,
                timeout_s: float | None = None) -> dict[str, Any]:
     """The official scorer on candidate ``name``; its summary (``parse_scorer_output``), with the
     command and where its output was kept. A candidate that lacks a page's Markdown gets no score
-    from it (the scorer's rule), only errors naming the page: rerun the predictions (they resume)."""
+    from it (the scorer's rule), only errors naming the page: rerun the predictions (they resume).
+    ``chromium``: the browser for the math tests (default: Playwright's own download)."""
     check_scorer()
     if not (folder / name).is_dir():
         raise BenchError(f"no candidate folder {folder / name} (write it first: without --score-only)")
-    command = [sys.executable, "-m", SCORER_MODULE, "--dir", str(folder), "--candidate", name,
-               "--bootstrap_samples", str(bootstrap_samples)]
+    command = scorer_command(folder, name, bootstrap_samples, chromium)
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout_s,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log = folder / name / SCORER_LOG
     log.write_text(f"$ {' '.join(command)}\n\n{done.stdout}\n--- stderr ---\n{done.stderr}", encoding="utf-8")
     if done.returncode != 0:
         tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+        hint = ("\n  (the math tests render with Chromium: run `python -m playwright install chromium`, "
+                "or pass --chromium /usr/bin/chromium)" if "playwright install" in done.stdout + done.stderr else "")
         raise BenchError(f"the scorer failed (exit {done.returncode}; its output is in {log}):\n  "
-                         + "\n  ".join(tail))
+                         + "\n  ".join(tail) + hint)
     summary = parse_scorer_output(done.stdout, name)
     summary["scorer"] = {"command": command, "olmocr": scorer_version(), "log": str(log)}
     return summary

@@ -44,9 +44,14 @@ def aligned_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: in
 
 
 def write_json(path: str | Path | None, report: dict[str, Any]) -> None:
-    """``report`` as indented JSON in ``path`` (nothing when None); the folder is made."""
+    """``report`` as indented JSON in ``path`` (``-``: standard output; nothing when None); the
+    folder is made."""
     if not path:
+        return
+    text = json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n"
+    if str(path) == "-":
+        print(text, end="", flush=True)
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    target.write_text(text, encoding="utf-8")

@@ -149,8 +149,9 @@ def scrape_metrics(driver) -> dict[str, Any] | None:
     for family in families:
         for sample in family.samples:
             totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-            if sample.name.endswith("http_requests_total"):
-                key = (sample.labels.get("route", ""), sample.labels.get("status", ""))
+            if sample.name.endswith("http_requests_total"):  # vLLM's instrumentator says "handler"
+                route = sample.labels.get("route", sample.labels.get("handler", ""))
+                key = (route, sample.labels.get("status", ""))
                 http[key] = http.get(key, 0.0) + sample.value
     prefix = next((p for p in METRIC_PREFIXES if any(name.startswith(p) for name in totals)), None)
     return {"prefix": prefix, "totals": totals, "http": http} if prefix else None
