@@ -78,6 +78,17 @@ def test_other_seed_differs_and_the_report_says_where(servers, tmp_path, capsys)
     assert "identical: 0 of 3" in printed and "token " in printed
 
 
+def test_a_dots_ocr_client_output_folder_is_a_side(servers, tmp_path, capsys):
+    from dots_ocr_server.client.cli import main as client_main
+
+    first, twin, _ = servers
+    out = tmp_path / "client_out"
+    assert client_main([*PAGES, "--server", twin, "--out", str(out), "--temperature", "0", "--logprobs",
+                        "--max-new-tokens", "16", "--dpi", "50", "--no-progress"]) == 0
+    code, report, _ = _compare(tmp_path, capsys, "--a", first, "--b-answers", str(out), "--expect-identical")
+    assert code == 0 and report["totals"]["identical"] == 3
+
+
 def test_a_missing_saved_answer_fails_that_page(servers, tmp_path, capsys):
     first, _, _ = servers
     empty = tmp_path / "empty"
