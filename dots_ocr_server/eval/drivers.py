@@ -52,7 +52,7 @@ class Generation:
     ignore_eos: bool = False
 
     def settings(self) -> dict[str, Any]:
-        return {key: value for key, value in self.__dict__.items()}
+        return dict(self.__dict__)
 
 
 Token = tuple[int | None, str | None]
@@ -164,11 +164,12 @@ class OpenAIDriver(_Driver):
     def _served_model(self) -> str:
         response = self.client.get("/v1/models")
         try:
-            data = response.json().get("data") if response.status_code == 200 else None
+            body = response.json() if response.status_code == 200 else None
         except ValueError:
-            data = None
+            body = None
         finally:
             response.close()
+        data = body.get("data") if isinstance(body, dict) else None
         if isinstance(data, list) and data and isinstance(data[0], dict) and isinstance(data[0].get("id"), str):
             return data[0]["id"]
         return "model"
@@ -250,8 +251,8 @@ def _read_events(response, sent: float) -> Answer:
             if data == "[DONE]":
                 break
             chunk = _chunk(data)
-            answer.output_tokens, answer.prompt_tokens = _completion_tokens(chunk.get("usage")) \
-                if chunk.get("usage") else (answer.output_tokens, answer.prompt_tokens)
+            if chunk.get("usage"):  # the last chunk, with stream_options.include_usage
+                answer.output_tokens, answer.prompt_tokens = _completion_tokens(chunk["usage"])
             for choice in chunk.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content")
                 if piece:
