@@ -33,7 +33,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import platform
@@ -48,6 +47,9 @@ REPO = Path(__file__).resolve().parent.parent
 for folder in (REPO, REPO / "scripts"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
+
+from dots_ocr_server.eval.machine import print_result  # noqa: E402 - after the path set-up
+from dots_ocr_server.eval.report import aligned_table, percentile, seconds_text  # noqa: E402
 
 DEFAULT_IMAGE = REPO / "samples" / "demo_image2.png"
 KEYS = ("batch_size", "pages", "wall_s", "pages_per_s", "tok_per_s", "latency_p50_s", "latency_p95_s",
@@ -224,13 +226,6 @@ def one_request(session, url: str, body: bytes, stream: bool = True) -> dict:
         return {"sent": sent, "times": times, "done": done, "streamed": True}
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
 def run_level(url: str, body: bytes, pages: int, batch_size: int, new_tokens: int, stream: bool = True) -> dict:
     import requests
 
@@ -283,32 +278,44 @@ def run_level(url: str, body: bytes, pages: int, batch_size: int, new_tokens: in
     return level
 
 
-def page_bytes(args) -> tuple[bytes, str]:
+def bench_page(args):
+    """The page every request sends (dots-ocr-eval's page: its bytes, MIME type and size)."""
+    from dots_ocr_server.eval.pages import page_from_bytes
+
     if args.page_size:
         from bench_pipeline import png_bytes, synth_page
 
-        return png_bytes(synth_page(args.page_size, 0)), f"synthetic page {args.page_size[0]}x{args.page_size[1]}"
+        return page_from_bytes(png_bytes(synth_page(args.page_size, 0)),
+                               f"synthetic page {args.page_size[0]}x{args.page_size[1]}")
     path = Path(args.image)
-    return path.read_bytes(), str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+    return page_from_bytes(path.read_bytes(), str(path.relative_to(REPO) if path.is_relative_to(REPO) else path))
 
 
 def machine(health: dict) -> dict:
     import torch
 
-    from bench_pipeline import cpu_name
+    from dots_ocr_server.eval.machine import cpu_name
 
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "device": health.get("device"), "dtype": health.get("dtype"),
             "fast_path": health.get("fast_path"), "demo": health.get("demo")}
 
 
+def request_body(args, page) -> bytes:
+    """The /ocr body of every request: dots-ocr-eval's /ocr request for the page, greedy."""
+    from dots_ocr_server.eval.drivers import Generation, ocr_payload
+
+    gen = Generation(prompt_type=args.prompt_type, temperature=0.0, max_new_tokens=args.new_tokens,
+                     stream=args.stream)
+    return json.dumps(ocr_payload(page.image(), gen)).encode()
+
+
 def run(args) -> dict:
     import requests
 
-    data, image_label = page_bytes(args)
-    body = json.dumps({"image": base64.b64encode(data).decode("ascii"), "image_format": "base64",
-                       "prompt_type": args.prompt_type, "max_new_tokens": args.new_tokens, "temperature": 0.0,
-                       "stream": args.stream}).encode()
+    page = bench_page(args)
+    image_label = page.label
+    body = request_body(args, page)
     work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     log_path = work / "server.log"
     proc, url = start_server(args, log_path)
@@ -348,27 +355,19 @@ def report(result: dict) -> str:
     rows = []
     for lv in result["levels"]:
         row = [str(lv["batch_size"]), f"{lv['pages_per_s']:.2f}", f"{lv['tok_per_s']:.0f}",
-               _s(lv["latency_p50_s"]), _s(lv["latency_p95_s"]), _s(lv["ttft_p50_s"]), _s(lv["max_gap_s"]),
-               _s(lv["gap_p50_s"]), _s(lv["prefill_p50_s"]), f"{lv['peak_rss_gib']:.2f} GiB"]
+               *(seconds_text(lv[key]) for key in ("latency_p50_s", "latency_p95_s", "ttft_p50_s", "max_gap_s",
+                                                    "gap_p50_s", "prefill_p50_s")),
+               f"{lv['peak_rss_gib']:.2f} GiB"]
         if gpu:
             row.append(f"{lv.get('peak_gpu_gib', 0):.2f} GiB")
         rows.append(row + ["yes" if lv["all_fixed_length"] else "NO"])
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    lines = head + ["  ".join(c.rjust(w) for c, w in zip(header, widths)),
-                    "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    lines = head + aligned_table(header, rows)
     ratio = result["ratio_b4_b1"]
     mode = "streamed" if result["stream"] else "plain"
     lines += ["", f"aggregate tok/s, batch 4 / batch 1: {ratio:.2f}x, {mode} requests (the aim: >= 2x on CPU, "
                   f"tiny checkpoint; docs/BENCHMARKS.md has both modes)"
               if ratio is not None else "aggregate tok/s, batch 4 / batch 1: - (needs batch sizes 1 and 4)"]
     return "\n".join(line.rstrip() for line in lines)
-
-
-def _s(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -416,8 +415,6 @@ def main(argv=None) -> int:
         return serve(argv[1:])
     args = parse_args(argv)
     result = run(args)
-    from bench_pipeline import print_result
-
     print_result(report(result), result, args.json_out)
     return 0
 

@@ -12,7 +12,7 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then
 fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${DOTS_OCR_TORCH_VERSION:-2.14.1}" "torchvision==${DOTS_OCR_TORCHVISION_VERSION:-0.29.1}"
-python -m pip install -q -c constraints.txt -e ".[server,test,batch]"
+python -m pip install -q -c constraints.txt -e ".[server,test,batch,eval]"
 # The browser tests of GET /ui (tests/test_ui_browser.py) drive Debian's Chromium with Playwright.
 # Installed here where this script can (root with apt-get, as in CI); elsewhere install it yourself
 # (or point DOTS_OCR_CHROMIUM at a Chrome/Chromium binary): without it those tests fail.

@@ -51,7 +51,10 @@ def _error_message(response) -> str:
     try:
         body = response.json()
         if isinstance(body, dict) and body.get("error"):
-            return str(body["error"])
+            error = body["error"]
+            if isinstance(error, dict) and isinstance(error.get("message"), str):  # OpenAI's shape (/v1)
+                return error["message"]
+            return str(error)
     except ValueError:
         pass
     text = (response.text or "").strip()
@@ -188,22 +191,33 @@ class OCRClient:
     def ocr(self, payload: dict[str, Any], on_text: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
         """POST /ocr; the result is the server's JSON (for ``stream`` the pieces joined into the
         same shape, plus the extra fields of the stream's last line)."""
-        self.ensure_ready()
         stream = bool(payload.get("stream"))
+        response = self.post("/ocr", payload, stream=stream)
+        try:
+            return _read_stream(response, on_text) if stream else _read_json(response)
+        finally:
+            response.close()
+
+    def get(self, path: str):
+        """GET ``path`` (e.g. ``/metrics``); the response, whatever its status (the caller closes it)."""
+        return self._request("GET", path)
+
+    def post(self, path: str, payload: dict[str, Any], *, stream: bool = False):
+        """POST ``payload`` as JSON to ``path`` with the 429 retries and errors of :meth:`ocr`;
+        the 200 response (the caller reads and closes it). PageError carries the HTTP status."""
+        self.ensure_ready()
         attempt = 0
         while True:
-            response = self._request("POST", "/ocr", json=payload, stream=stream)
+            response = self._request("POST", path, json=payload, stream=stream)
             status = response.status_code
             if status == 200:
-                try:
-                    return _read_stream(response, on_text) if stream else _read_json(response)
-                finally:
-                    response.close()
+                return response
             message = _error_message(response)
             response.close()
             if status == 429:
                 if attempt >= self.max_retries:
-                    raise PageError(f"server still busy after {self.max_retries} retries (HTTP 429: {message})")
+                    raise PageError(f"server still busy after {self.max_retries} retries (HTTP 429: {message})",
+                                    status=429)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 self.sleep(backoff_delay(attempt, self.retry_wait, self.max_retry_wait, retry_after))
                 attempt += 1
@@ -216,7 +230,7 @@ class OCRClient:
             if status == 400 and message.startswith("Unknown field"):
                 raise FatalError(f"the server does not accept this client's requests (HTTP 400: {message}); "
                                  "is it an older dots-ocr-server? Update it.")
-            raise PageError(f"HTTP {status}: {message}")
+            raise PageError(f"HTTP {status}: {message}", status=status)
 
 
 def _read_json(response) -> dict[str, Any]:
