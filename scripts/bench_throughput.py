@@ -16,11 +16,10 @@ in flight and the server decodes them in one batch. Per batch size:
   peak RSS         the server process's peak resident memory during the level (VmHWM, reset
                    before each level); on CUDA also ``torch.cuda.max_memory_allocated``
 
-Fixed-length answers: /ocr has no request-level way to ignore eos, and a random model may stop
-early or loop. The server process therefore runs a runner whose ``stream_pieces`` always passes
-``ignore_eos=True`` (a subclass, used only here), the repetition guard is off
-(``--repetition-window 0``), decoding is greedy (temperature 0), so every page yields exactly
-``--new-tokens`` tokens; the JSON says whether they all did (``all_fixed_length``).
+Fixed-length answers: a random model may stop early or loop, so every request asks for
+``"ignore_eos": true`` (neither eos nor the repetition guard ends the answer) with greedy
+decoding (temperature 0), and every page yields exactly ``--new-tokens`` tokens; the JSON says
+whether they all did (``all_fixed_length``).
 
 The same server serves every level, so compile and warm-up happen once; a level of N in flight
 keeps at most N rows in the batch (N = 1 runs one request at a time, as the default server does).
@@ -60,19 +59,6 @@ KEYS = ("batch_size", "pages", "wall_s", "pages_per_s", "tok_per_s", "latency_p5
 # ---------------------------------------------------------------------------------------------
 # The server process (--serve)
 # ---------------------------------------------------------------------------------------------
-
-
-def fixed_length_runner_class():
-    from model_runner.runner import ModelRunner
-
-    class FixedLengthRunner(ModelRunner):
-        """eos never ends an answer: every page generates exactly its max_new_tokens (benchmark only)."""
-
-        def stream_pieces(self, *args, **kwargs):
-            kwargs["ignore_eos"] = True
-            return super().stream_pieces(*args, **kwargs)
-
-    return FixedLengthRunner
 
 
 def _peak_rss_bytes() -> int | None:
@@ -119,7 +105,8 @@ def serve(argv: list[str]) -> int:
     config = server.parse_args([a for a in argv if a != "--random-full-size"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server.apply_process_settings(config)
-    runner_class = fixed_length_runner_class()
+    from model_runner.runner import ModelRunner
+
     if random_full_size:
         from bench_pipeline import build_random_full_size
         from model_runner.processing import load_processor
@@ -130,7 +117,7 @@ def serve(argv: list[str]) -> int:
         llm_attn, vision_attn = resolve_attention(config.attn_implementation, device)
         model, folder = build_random_full_size(device, dtype, llm_attn, vision_attn,
                                                Path(tempfile.mkdtemp(prefix="bench-throughput-")))
-        runner = runner_class.from_model(model, load_processor(folder), model_path=folder, compile=config.compile,
+        runner = ModelRunner.from_model(model, load_processor(folder), model_path=folder, compile=config.compile,
                                          max_batch_size=config.max_batch_size,
                                          max_new_tokens_limit=config.max_new_tokens_limit,
                                          repetition_window=config.repetition_window)
@@ -138,7 +125,7 @@ def serve(argv: list[str]) -> int:
         if config.demo:  # built by the app's loader, as server.py --demo does
             folder = Path(tempfile.mkdtemp(prefix="bench-throughput-")) / "DotsOCR-tiny-random"
             config = dataclasses.replace(config, model_path=str(folder))
-        runner = runner_class.from_config(config)
+        runner = ModelRunner.from_config(config)
     app = server.create_app(config, runner=runner)
     add_memory_routes(app)
     # server.py's own HTTP server (waitress, no fork: a CUDA model built before a fork would be
@@ -306,7 +293,7 @@ def request_body(args, page) -> bytes:
     from dots_ocr_server.eval.drivers import Generation, ocr_payload
 
     gen = Generation(prompt_type=args.prompt_type, temperature=0.0, max_new_tokens=args.new_tokens,
-                     stream=args.stream)
+                     stream=args.stream, ignore_eos=True)
     return json.dumps(ocr_payload(page.image(), gen)).encode()
 
 

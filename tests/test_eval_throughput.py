@@ -59,12 +59,15 @@ def test_openai_against_the_servers_own_v1(server, tmp_path, capsys):
     assert code == 0
     (row,) = result["targets"]
     assert row["api"] == "openai" and row["model"] == "dots-ocr" and row["pages"] == 5
-    # auto fixed length: the first warm-up asked for ignore_eos, which this server refuses (400)
-    assert row["fixed_length"].startswith("not supported")
-    assert scrape_labelled(server.url, "dots_ocr:http_requests_total", route=route, status="400") - refused_before == 1
+    # auto fixed length: the warm-up asked for ignore_eos, which this server takes (as vLLM does)
+    assert row["fixed_length"] == "ignore_eos"
+    assert scrape_labelled(server.url, "dots_ocr:http_requests_total", route=route, status="400") == refused_before
     assert scrape_labelled(server.url, "dots_ocr:http_requests_total", route=route, status="200") - ok_before == 5 + 1
     assert row["server_counted"]["responses"] == {"200": 5}
-    assert row["output_tokens"]["reported_by"] == 5 and row["output_tokens"]["total"] > 0
+    assert row["output_tokens"]["reported_by"] == 5
+    assert row["output_tokens"]["min"] == row["output_tokens"]["max"] == 12  # fixed length
+    # /v1's generations reach /metrics like /ocr's: the counts agree
+    assert row["server_counted"]["generation_tokens"] == row["output_tokens"]["total"] == 5 * 12
     assert row["ttft_p50_s"] is None  # plain /v1 answers carry no time to first token
 
 
@@ -92,10 +95,54 @@ def test_failed_pages_are_counted_by_status(server, tmp_path, capsys):
     assert row["server_counted"]["responses"] == {"400": 3}
 
 
-def test_fixed_length_on_fails_against_a_server_without_ignore_eos(server, tmp_path, capsys):
-    code = cli.main(["throughput", *PAGES, *COMMON, "--server", server.url, "--pages", "1", "--fixed-length", "on"])
-    assert code == 2
-    assert "ignore_eos" in capsys.readouterr().err
+def test_fixed_length_on_gives_every_page_its_max_new_tokens(server, tmp_path, capsys):
+    code, result, _ = _run(tmp_path, capsys, "--server", server.url, "--pages", "3", "--fixed-length", "on",
+                           "--warmup", "1")
+    assert code == 0
+    (row,) = result["targets"]
+    assert row["fixed_length"] == "ignore_eos" and row["output_tokens"]["min"] == row["output_tokens"]["max"] == 12
+
+
+def test_fixed_length_on_fails_against_a_server_that_refuses_ignore_eos(tmp_path, capsys):
+    """A server that answers the ignore_eos field with a 400 (as one without it does): --fixed-length
+    on stops with a message naming the field, and auto falls back to answers of any length."""
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _json(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._json(200, {"status": "healthy", "model_loaded": True} if self.path == "/health" else {})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if body.get("ignore_eos"):
+                self._json(400, {"error": "Unknown field 'ignore_eos'"})
+            else:
+                self._json(200, {"model": "dots-ocr", "response": "text", "prompt_type": body["prompt_type"],
+                                 "eval_count": 3, "done_reason": "stop"})
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        code = cli.main(["throughput", *PAGES, *COMMON, "--server", url, "--pages", "1", "--fixed-length", "on",
+                         "--no-stream"])
+        assert code == 2 and "ignore_eos" in capsys.readouterr().err
+        code, result, _ = _run(tmp_path, capsys, "--server", url, "--pages", "2", "--warmup", "1", "--no-stream")
+        assert code == 0 and result["targets"][0]["fixed_length"].startswith("not supported")
+    finally:
+        httpd.shutdown()
 
 
 def test_drive_keeps_the_concurrency_and_the_count():

@@ -594,3 +594,20 @@ def test_cpu_batching_chooses_torch_threads_and_says_so(monkeypatch, caplog):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_ignore_eos_runs_the_answer_to_max_new_tokens(client, page_b64):
+    """prompt_ocr ends by eos after about 100 tokens on this page; ignore_eos (vLLM's field, for
+    fixed-length benchmarks) runs it to max_new_tokens on /ocr and on /v1."""
+    base = {"image": page_b64, "image_format": "base64", "prompt_type": "prompt_ocr", "temperature": 0,
+            "max_new_tokens": 300}
+    ended = client.post("/ocr", json=base).get_json()
+    assert ended["done_reason"] == "stop" and ended["eval_count"] < 300
+    fixed = client.post("/ocr", json={**base, "ignore_eos": True}).get_json()
+    assert (fixed["done_reason"], fixed["eval_count"]) == ("length", 300)
+    chat = {"model": "dots-ocr", "temperature": 0, "max_tokens": 300, "ignore_eos": True, "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + page_b64}},
+                                     {"type": "text", "text": "<|img|><|imgpad|><|endofimg|>"
+                                      "Extract the text content from this image."}]}]}
+    completion = client.post("/v1/chat/completions", json=chat).get_json()
+    assert completion["usage"]["completion_tokens"] == 300 and completion["choices"][0]["finish_reason"] == "length"

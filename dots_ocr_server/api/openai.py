@@ -405,7 +405,7 @@ def _page_request(req: ChatCompletionRequest, turns: list[dict[str, Any]], image
         frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0)
     return PageRequest(source=_image_source(image_url), prompt_type=None, messages=turns, decoding=decoding,
                        max_new_tokens=min(asked or config.open_ended_max_new_tokens, limit),
-                       route="/v1/chat/completions")
+                       ignore_eos=bool(req.ignore_eos), route="/v1/chat/completions")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -156,6 +156,7 @@ class ChatCompletionRequest(BaseModel):
                                              description="vLLM's: above 1 discourages tokens already seen")
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    ignore_eos: bool | None = Field(None, description="vLLM's: the answer runs to max_tokens (benchmarks)")
 
     @field_validator("temperature")
     @classmethod

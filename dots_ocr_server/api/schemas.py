@@ -43,6 +43,7 @@ class OCRRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)  # reproducible sampling
     logprobs: bool = False  # add per-token log-probabilities
     top_logprobs: int | None = Field(None, ge=1, le=5)  # with logprobs: k alternatives per token
+    ignore_eos: bool = False  # the answer runs to max_new_tokens (benchmarks; as vLLM's ignore_eos)
 
     @field_validator("temperature")
     @classmethod
@@ -119,7 +120,7 @@ class OCRRequest(BaseModel):
         decoding = DecodingOptions(temperature=self.sampling_temperature if temperature is None else temperature,
                                    top_p=self.top_p, seed=self.seed, logprobs=logprobs)
         return PageRequest(source=self.source, prompt_type=self.prompt_type, bbox=self.bbox, question=self.prompt,
-                           decoding=decoding, max_new_tokens=self.max_new_tokens,
+                           decoding=decoding, max_new_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos,
                            postprocess=Postprocess(layout=self.postprocess, visualize=self.visualize,
                                                    skip_headers_footers=self.skip_headers_footers),
                            route=route)
