@@ -3,6 +3,7 @@ shards and resume, the actor's rows (ok, error, concurrent generation) and the c
 early exits. The Ray end-to-end runs are in test_batch_ray.py."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import threading
@@ -367,3 +368,36 @@ def test_run_with_logprobs_and_another_prompt_type_writes_new_keys(batch_runner,
     assert [r["prompt_type"] for r in rows] == ["prompt_layout_all_en", "prompt_ocr"]
     assert len(rows[0]["logprobs"]) == rows[0]["new_tokens"]
     assert "logprobs" not in rows[1]  # shards differ in columns; each one is self-describing
+
+
+# -- one document per input beside the page rows ---------------------------------------------------
+
+
+def test_complete_inputs_get_the_same_document_as_the_client(tmp_path):
+    from dots_ocr_server.batch.documents import document_name, write_documents
+
+    data = Path(__file__).parent / "data"
+    pdf = Path(__file__).resolve().parents[1] / "samples" / "demo_pdf1.pdf"
+    pages = json.loads((data / "demo_pdf1.pages.json").read_text(encoding="utf-8"))["pages"]
+    sha = hashlib.sha256(pdf.read_bytes()).hexdigest()
+    settings = JobSettings(postprocess=True, dpi=200)
+    out = tmp_path / "out"
+    writer = ShardWriter(str(out), "parquet", postprocess=True)
+    # the rows the actors write for the two pages (the layouts of the hand-written test data), and
+    # a second input with only one of its two pages done: no document for it yet
+    writer.add([{"key": f"{sha}:{p['page']}", "source": str(pdf), "sha256": sha, "page": p["page"], "page_count": 2,
+                 "prompt_type": "prompt_layout_all_en", "response": json.dumps(p["layout"]), "finish_reason": "eos",
+                 "layout": json.dumps(p["layout"], ensure_ascii=False), "repaired": False, "width": p["width"],
+                 "height": p["height"], "error": None} for p in pages])
+    writer.add([{"key": "other:1", "source": "/x/half.pdf", "sha256": "f" * 64, "page": 1, "page_count": 2,
+                 "prompt_type": "prompt_layout_all_en", "layout": "[]", "width": 10, "height": 10, "error": None}])
+    writer.flush()
+    folders = write_documents(str(out), settings)
+    folder = out / "documents" / document_name(str(pdf), sha)
+    assert folders == [str(folder)]
+    golden = (data / "demo_pdf1.document.md").read_text(encoding="utf-8")
+    assert (folder / "document.md").read_text(encoding="utf-8") == golden
+    document = json.loads((folder / "document.json").read_text(encoding="utf-8"))
+    assert [(p["page"], p["width"], p["height"]) for p in document["pages"]] == [(1, 2339, 3308), (2, 2339, 3308)]
+    assert document["metadata"]["prompt_type"] == "prompt_layout_all_en" and document["metadata"]["dpi"] == 200
+    assert write_documents(str(out), JobSettings(postprocess=False)) == []  # no layouts: no documents

@@ -331,14 +331,15 @@ def test_document_zip_holds_the_files():
 
 
 def test_document_json_fields():
-    answer = {"layout": [{"bbox": [10, 20, 300, 60], "category": "title", "text": "Doc", "confidence": 0.93}],
+    answer = {"layout": [{"bbox": [10, 20, 300, 60], "category": "title", "text": "Doc",
+                          "confidence": {"min": 0.81, "mean": 0.93}}],
               "done_reason": "stop", "repaired": False, "response": "..."}
     document = assemble([page_from_answer(1, W, H, answer)], source="report.pdf",
                         metadata={"model": "dots-ocr", "prompt_type": "prompt_layout_all_en", "dpi": 200})
     data = json.loads(json.dumps(document.to_json()))
     assert list(data) == ["source", "pages", "blocks", "figures", "issues", "metadata"]
     assert data["pages"] == [{"page": 1, "width": W, "height": H, "markdown": "# Doc\n", "cells": [
-        {"bbox": [10, 20, 300, 60], "category": "Title", "text": "Doc", "confidence": 0.93}]}]
+        {"bbox": [10, 20, 300, 60], "category": "Title", "text": "Doc", "confidence": {"min": 0.81, "mean": 0.93}}]}]
     assert data["blocks"] == [{"id": "p1-c0", "category": "Title", "text": "Doc", "pages": [1],
                                "sources": [{"page": 1, "cell": 0, "bbox": [10, 20, 300, 60]}]}]
     assert data["metadata"] == {"model": "dots-ocr", "prompt_type": "prompt_layout_all_en", "dpi": 200,

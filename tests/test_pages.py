@@ -142,6 +142,7 @@ def test_batch_rows_carry_the_same_cell_confidence_as_ocr(runner, tmp_path):
     assert [c["text"] for c in cells] == ["Hello", "world again"]
     assert all(0 < c["confidence"]["min"] <= c["confidence"]["mean"] < 1 for c in cells)
     assert cells == served["layout"]  # boxes in page pixels and confidence: one pipeline
+    assert (row["width"], row["height"]) == image.size  # the page the boxes are in (for its document)
 
 
 # -- one pixel cap for the server, the batch job and the client -----------------------------------

@@ -440,12 +440,12 @@ def pdf_b64():
 
 def test_pdf_pages(app, client, pdf_b64):
     for page in (1, 2):
-        response = _ocr(client, image=pdf_b64, image_format="base64", page=page, prompt_type="prompt_ocr")
+        response = _ocr(client, image=pdf_b64, image_format="base64", page=page, prompt_type="prompt_ocr", dpi=72)
         assert response.status_code == 200, response.get_json()
         body = response.get_json()
         assert list(body) == ["model", "response", "prompt_type", *STATISTICS, "page", "page_count"]
         assert (body["page"], body["page_count"]) == (page, 2)
-    default = _ocr(client, image=pdf_b64, image_format="base64").get_json()
+    default = _ocr(client, image=pdf_b64, image_format="base64", dpi=72).get_json()
     assert default["page"] == 1
     for bad in ({"page": 3}, {"page": 0}, {"page": "2"}, {"dpi": 10}, {"dpi": 2000}):
         response = _ocr(client, image=pdf_b64, image_format="base64", **bad)
@@ -456,7 +456,7 @@ def test_pdf_pages(app, client, pdf_b64):
 
 def test_pdf_stream_carries_page_on_last_line(client, pdf_b64):
     response = client.post("/ocr", json={"image": pdf_b64, "image_format": "base64", "page": 2, "stream": True,
-                                         "max_new_tokens": 6, "temperature": 0})
+                                         "max_new_tokens": 6, "temperature": 0, "dpi": 72})
     lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
     assert lines[-1]["done"] is True and (lines[-1]["page"], lines[-1]["page_count"]) == (2, 2)
     assert all("page" not in line for line in lines[:-1])

@@ -174,9 +174,10 @@ class PageOcr:
         if s.postprocess:
             processed = result.processed
             cells = processed.get("layout", processed.get("spots"))
+            width, height = result.page.image.size
             out.update({"layout": None if cells is None else json.dumps(cells, ensure_ascii=False),
                         "markdown": processed.get("markdown", processed.get("svg")),
-                        "repaired": processed.get("repaired")})
+                        "repaired": processed.get("repaired"), "width": width, "height": height})
         if s.logprobs:
             out.update(_logprob_columns(result.tokens))
         return out

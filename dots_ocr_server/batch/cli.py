@@ -20,7 +20,9 @@ from image_utils.policy import DEFAULT_PDF_DPI, MAX_PDF_DPI, MIN_PDF_DPI
 from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS
 from model_runner.prompts import BBOX_PROMPT_TYPES, PROMPT_TYPES, QUESTION_PROMPT_TYPES
 
+from ..document import AssembleOptions
 from .actor import JobSettings
+from .documents import DOCUMENTS_FOLDER, write_documents
 from .inputs import expand_inputs, plan_pages
 from .outputs import FORMATS, ShardWriter, Summary, drop_superseded, read_written, shard_files
 
@@ -100,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", metavar="N", type=_ranged(int, 0, 2**64 - 1), default=None,
         help="sampling seed for every page (reproducible runs)")
     add("--postprocess", action="store_true",
-        help="also write layout (JSON, original pixels), markdown and repaired, as the server's postprocess")
+        help="also write layout (JSON, original pixels), markdown and repaired, as the server's postprocess; "
+             "with a layout prompt type, each input whose pages are all done gets its document in "
+             "OUT/documents/<name>/ (document.md, document.json, figures/)")
+    add("--keep-headers", action="store_true",
+        help="keep page headers and footers in the documents' Markdown (they are always in document.json)")
     add("--logprobs", action="store_true",
         help="also write the tokens, their logprobs and min/mean token probability")
     add("--format", choices=FORMATS, default="parquet", help="shard format (default parquet)")
@@ -212,6 +218,9 @@ def run(args, engine=None) -> int:
         superseded = writer.keys & set(written)
         if superseded:
             drop_superseded(args.out, superseded, older)
+        documents = write_documents(args.out, settings, AssembleOptions(keep_headers=args.keep_headers))
+        if documents:
+            _say(f"{len(documents)} document(s) in {args.out.rstrip('/')}/{DOCUMENTS_FOLDER}/")
         summary = Summary(pages_ok=writer.ok, pages_failed=writer.failed, pages_skipped=plan.skipped,
                           seconds=ocr_seconds, total_seconds=time.perf_counter() - started_at, out=args.out,
                           shards=len(writer.shards), actors=actors, device=device)

@@ -62,6 +62,8 @@ def _postprocess_fields():
         ("layout", pa.string()),      # JSON: the cells (spots for scene spotting), original pixels
         ("markdown", pa.string()),    # the Markdown (the SVG document for prompt_image_to_svg)
         ("repaired", pa.bool_()),     # the answer needed repair (see layout.postprocess_response)
+        ("width", pa.int32()),        # the page image the layout is in (pixels): a PDF page at --dpi
+        ("height", pa.int32()),
     ]
 
 

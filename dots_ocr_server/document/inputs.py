@@ -59,6 +59,14 @@ def _finite_number(value: Any) -> float | None:
     return None
 
 
+def _confidence(value: Any) -> dict[str, float] | None:
+    """A cell's ``{"min", "mean"}`` confidence (as the server writes it), or None."""
+    if not isinstance(value, Mapping):
+        return None
+    low, mean = _finite_number(value.get("min")), _finite_number(value.get("mean"))
+    return None if low is None or mean is None else {"min": low, "mean": mean}
+
+
 def cells_from_json(items: Any, where: str = "layout") -> tuple[Cell, ...]:
     """Layout cells (JSON dicts with ``bbox`` in page pixels, ``category``, ``text``,
     ``confidence``) -> :class:`.model.Cell` s, validated by ``clean_cells``: boxes as 4 ints,
@@ -67,7 +75,7 @@ def cells_from_json(items: Any, where: str = "layout") -> tuple[Cell, ...]:
         raise DocumentInputError(f"{where} must be a list of cells, got {type(items).__name__}")
     cleaned, _changed = clean_cells(items)
     return tuple(Cell(category=cell["category"], bbox=tuple(cell["bbox"]) if "bbox" in cell else None,
-                      text=cell.get("text"), confidence=_finite_number(cell.get("confidence")))
+                      text=cell.get("text"), confidence=_confidence(cell.get("confidence")))
                  for cell in cleaned)
 
 

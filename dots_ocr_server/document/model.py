@@ -24,7 +24,8 @@ class Cell:
     category: str
     bbox: BBox | None = None
     text: str | None = None
-    confidence: float | None = None
+    # the server's per-cell confidence: the minimum and mean probability of the tokens that wrote it
+    confidence: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
