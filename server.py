@@ -61,6 +61,12 @@ def create_app(config: ServerConfig | dict | None = None, runner=None) -> Flask:
     from dots_ocr_server.api.ui import bp as ui_routes
 
     request_log.install(app)
+    if config.jobs:
+        from dots_ocr_server.api.jobs import bp as job_routes
+        from dots_ocr_server.jobs import JobManager
+
+        state.jobs = JobManager(state)  # started by its first job, or by serve() for unfinished ones
+        app.register_blueprint(job_routes)
     app.register_blueprint(ocr_routes)
     app.register_blueprint(openai_routes)
     app.register_blueprint(openapi_routes)
@@ -145,6 +151,9 @@ def serve(config: ServerConfig, runner=None) -> None:
 
     apply_process_settings(config)
     app = create_app(config, runner=runner)
+    state = app.extensions["dots_ocr"]
+    if state.jobs is not None:
+        state.jobs.resume_if_any()  # jobs a stop or a crash left unfinished go on
     socket_map: dict = {}
     server = build_server(app, config, socket_map)
     run(server, socket_map, GracefulShutdown(app.extensions["dots_ocr"], config.graceful_timeout))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,13 @@ class ServerConfig:
     pdf_render_timeout: float = DEFAULT_PDF_RENDER_TIMEOUT_S
     max_prompt_chars: int = 4000
     metrics: bool = True  # GET /metrics (Prometheus) and its bookkeeping
+    # Document jobs (dots_ocr_server/jobs): SQLite and the stored documents under data_dir
+    jobs: bool = True
+    data_dir: str = "dots-ocr-data"
+    job_retention: str = "7d"  # finished jobs are deleted after this long (none: kept)
+    max_job_storage: str = "20G"  # the data folder at most (none: no cap)
+    job_slots: int | None = None  # generation slots jobs may use (None: --max-batch-size - 1, at least 1)
+    job_page_retries: int = 1
     log_format: str = "text"  # text | json (one JSON object per line)
     # The HTTP server (api/serving.py): slow clients and shutdown.
     connection_limit: int = 1000
@@ -66,6 +74,14 @@ class ServerConfig:
             return self.max_new_tokens_default
         return self.max_new_tokens_limit
 
+    @property
+    def job_retention_s(self) -> float | None:
+        return parse_duration(self.job_retention)
+
+    @property
+    def max_job_storage_bytes(self) -> int | None:
+        return parse_size(self.max_job_storage)
+
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None) -> "ServerConfig":
         names = {f.name for f in dataclasses.fields(cls)}
@@ -74,6 +90,30 @@ class ServerConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {unknown}")
         return cls(**values)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.I)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """"7d", "36h", "90m", "3600s" or "3600" (seconds) -> seconds; "none" (or empty) -> None."""
+    if text is None or str(text).strip().lower() in ("", "none", "never"):
+        return None
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (e.g. 7d, 36h, 90m, 3600s)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2).lower()]
+
+
+def parse_size(text: str | None) -> int | None:
+    """"20G", "500M", "1.5T", "4096" (bytes) -> bytes (powers of 1024); "none" -> None."""
+    if text is None or str(text).strip().lower() in ("", "none", "unlimited"):
+        return None
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"not a size: {text!r} (e.g. 20G, 500M, 4096)")
+    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2).lower() or " "))
 
 
 # Command-line flags; each also reads DOTS_OCR_<NAME> from the environment.
@@ -115,6 +155,17 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--metrics", dict(action=argparse.BooleanOptionalAction,
                        help="serve GET /metrics (Prometheus text format; open like /health)")),
     ("--log-format", dict(choices=["text", "json"], help="log lines as text or as one JSON object each")),
+    ("--jobs", dict(action=argparse.BooleanOptionalAction,
+                    help="serve the document jobs (POST /jobs ...; --no-jobs turns the routes off)")),
+    ("--data-dir", dict(help="where the jobs' database and stored documents live")),
+    ("--job-retention", dict(help="finished jobs are deleted (with their files) after this long: 7d, 36h, 90m, "
+                                  "or none")),
+    ("--max-job-storage", dict(help="the data folder at most (20G, 500M, or none): a job that would pass it is "
+                                    "refused with 507")),
+    ("--job-slots", dict(type=int, help="generation slots the jobs may use at once (default: --max-batch-size - 1, "
+                                        "at least 1; at --max-batch-size 1 a job page holds the one slot)")),
+    ("--job-page-retries", dict(type=int, help="times a failed page of a job is tried again before it is marked "
+                                               "failed")),
     ("--connection-limit", dict(type=int, help="open connections at most (more wait in the listen backlog)")),
     ("--idle-timeout", dict(type=float, help="seconds a connection may send nothing before it is closed "
                                              "(between requests or mid-request)")),

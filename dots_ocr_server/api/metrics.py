@@ -68,6 +68,7 @@ class _StateCollector:
                                 value=state.lock.queued)
         yield GaugeMetricFamily("dots_ocr:model_loaded", "1 when the model is loaded and /ocr can run.",
                                 value=1 if state.model_loaded else 0)
+        yield from self._job_gauges()
         seconds = getattr(runner, "load_seconds", None)
         if state.model_loaded and seconds is not None:
             yield GaugeMetricFamily("dots_ocr:model_load_time_seconds",
@@ -80,6 +81,29 @@ class _StateCollector:
                                     value=torch.cuda.memory_allocated(device))
             yield GaugeMetricFamily("dots_ocr:gpu_memory_peak_bytes", "Peak GPU memory allocated by torch.",
                                     value=torch.cuda.max_memory_allocated(device))
+
+
+    def _job_gauges(self):
+        """The document jobs, from their database (so the figures survive a restart)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        from ..jobs.store import JOB_STATUSES, PAGE_STATUSES
+
+        jobs = self.state.jobs
+        if jobs is None:
+            return
+        by_job, by_page = jobs.store.counts() if jobs.exists() else ({}, {})
+        family = GaugeMetricFamily("dots_ocr:jobs", "Document jobs by status.", labels=["status"])
+        for status in JOB_STATUSES:
+            family.add_metric([status], by_job.get(status, 0))
+        yield family
+        family = GaugeMetricFamily("dots_ocr:job_pages", "Pages of the document jobs by status (done, failed, "
+                                   "queued: the jobs' queue, ...).", labels=["status"])
+        for status in PAGE_STATUSES:
+            family.add_metric([status], by_page.get(status, 0))
+        yield family
+        yield GaugeMetricFamily("dots_ocr:job_queue_pages", "Pages of the document jobs waiting to run.",
+                                value=by_page.get("queued", 0))
 
 
 class ServerMetrics:

@@ -156,6 +156,8 @@ class GracefulShutdown:
             log.warning("grace time over: stopping the generations still running")
             self.state.stop_generation.set()
         busy = any(channel.requests or channel.total_outbufs_len for channel in list(server.active_channels.values()))
+        jobs = self.state.jobs
+        busy = busy or (jobs is not None and jobs.busy)  # a job's page may finish within the grace time
         return not busy or elapsed >= self.graceful_timeout + FINAL_WRITE_S
 
 

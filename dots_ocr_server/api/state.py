@@ -88,6 +88,19 @@ class SlotPool:
                     self._line.remove(ticket)
                     self._freed.notify_all()  # the one behind may now be first
 
+    def acquire_waiting(self, should_stop: Callable[[], bool] | None = None, poll_s: float = 0.1) -> bool:
+        """Take a slot as soon as one is free and nobody waits in ``acquire_queued``'s line (a
+        document job's page: it yields to the interactive requests waiting there). Returns True
+        with a slot taken; False when ``should_stop()`` (polled every ``poll_s``) said to give up."""
+        while True:
+            with self._mutex:
+                if self._taken < self.size and not self._line:
+                    self._taken += 1
+                    return True
+                self._freed.wait(poll_s)
+            if should_stop is not None and should_stop():
+                return False
+
     def release(self) -> None:
         with self._mutex:
             if self._taken <= 0:
@@ -126,6 +139,7 @@ class ServerState:
         self.gpu_warning: str | None = None  # a GPU torch cannot use (api/gpu_check.py)
         # every route's page goes through it; /metrics installs itself as its observer
         self.pages = PageService(runner, self.policy)
+        self.jobs = None  # the document jobs (dots_ocr_server.jobs.JobManager), unless --no-jobs
 
     @property
     def model_loaded(self) -> bool:
