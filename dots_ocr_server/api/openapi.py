@@ -22,6 +22,7 @@ from .inspect import InspectOptions, PAGE_FIELDS
 from .openai_schemas import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ErrorResponse, ModelCard,
                              ModelList)
 from .schemas import OCRRequest, page_fields_model
+from ..jobs.schemas import JobRequest
 from .ui import RENDER_FIELDS
 
 InspectRequest = page_fields_model("InspectRequest", PAGE_FIELDS, InspectOptions)
@@ -78,6 +79,47 @@ class RenderResponse(BaseModel):
     source_kind: str
     page: int
     page_count: int
+
+
+class JobSubmitted(BaseModel):
+    """``POST /jobs``'s 202: the new job and where to follow it."""
+
+    job_id: str
+    status: str
+    pages_total: int
+    links: dict[str, str]
+
+
+class JobStatus(BaseModel):
+    """A job's status (``GET /jobs/<id>`` adds ``pages``: each page's status and attempts)."""
+
+    model_config = ConfigDict(extra="allow")
+    job_id: str
+    status: str
+    pages_total: int
+    pages_done: int
+    pages_failed: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    eta_s: float | None
+
+
+class JobList(BaseModel):
+    """``GET /jobs``: newest first; ``next`` is the following page's URL (null on the last)."""
+
+    jobs: list[JobStatus]
+    next: str | None
+
+
+class JobResult(BaseModel):
+    """The document (docs/DOCUMENT_FORMAT.md) with the job's status and each page's answer."""
+
+    model_config = ConfigDict(extra="allow")
+    job_id: str
+    status: str
+    pages: list[dict[str, Any]]
+    blocks: list[dict[str, Any]]
 
 
 class UIConfig(BaseModel):
@@ -156,6 +198,7 @@ def _paths() -> dict[str, Any]:
             "responses": {"200": _json(RenderResponse, "the page"),
                           **_errors(OCRError, {400: "invalid request", 401: "missing or wrong API key",
                                                413: "body or image too large", 500: "an internal error"})}}},
+        **_job_paths(),
         "/openapi.json": {"get": {"summary": "This document",
                                   "responses": {"200": {"description": "OpenAPI 3.1",
                                                         "content": {"application/json": {
@@ -163,14 +206,69 @@ def _paths() -> dict[str, Any]:
     }
 
 
+_JOB_ID = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_JOB_ERRORS = {401: "missing or wrong API key", 404: "no such job"}
+
+
+def _job_paths() -> dict[str, Any]:
+    """The document jobs' routes (api/jobs.py; absent from the server with --no-jobs)."""
+    body = {"required": True, "content": {
+        "application/json": {"schema": _ref(JobRequest)},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+            "file": {"type": "string", "format": "binary", "description": "the document (PDF or image)"}},
+            "additionalProperties": {"type": "string", "description": "the JSON body's other fields, as text"}}}}}
+    return {
+        "/jobs": {
+            "post": {"summary": "Submit a document (a PDF or an image) as a job", "security": _BEARER,
+                     "requestBody": body,
+                     "responses": {"202": _json(JobSubmitted, "the job, queued"),
+                                   **_errors(OCRError, {400: "invalid request or document", 401: "missing or wrong "
+                                                        "API key", 413: "document too large or too many pages",
+                                                        503: "the server is shutting down",
+                                                        507: "past --max-job-storage"})}},
+            "get": {"summary": "The jobs, newest first", "security": _BEARER,
+                    "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                                "maximum": 200}},
+                                   {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                                   {"name": "sha256", "in": "query", "schema": {"type": "string"}}],
+                    "responses": {"200": _json(JobList, "one page of jobs"),
+                                  **_errors(OCRError, {400: "invalid query", 401: "missing or wrong API key"})}}},
+        "/jobs/{job_id}": {
+            "get": {"summary": "A job's status and its pages", "security": _BEARER, "parameters": _JOB_ID,
+                    "responses": {"200": _json(JobStatus, "the job"), **_errors(OCRError, _JOB_ERRORS)}},
+            "delete": {"summary": "Cancel a queued or running job (what was done is kept)", "security": _BEARER,
+                       "parameters": _JOB_ID,
+                       "responses": {"200": _json(JobStatus, "the job, cancelled"),
+                                     **_errors(OCRError, {**_JOB_ERRORS, 409: "the job has already finished"})}}},
+        "/jobs/{job_id}/result": {"get": {
+            "summary": "The whole document: JSON, Markdown (?format=markdown) or a ZIP (?format=zip)",
+            "security": _BEARER,
+            "parameters": _JOB_ID + [{"name": "format", "in": "query",
+                                      "schema": {"type": "string", "enum": ["json", "markdown", "zip"]}},
+                                     {"name": "keep_headers", "in": "query", "schema": {"type": "boolean"}}],
+            "responses": {"200": {"description": "the document",
+                                  "content": {"application/json": {"schema": _ref(JobResult)},
+                                              "text/markdown": {"schema": {"type": "string"}},
+                                              "application/zip": {"schema": {"type": "string", "format": "binary"}}}},
+                          **_errors(OCRError, {**_JOB_ERRORS, 400: "invalid format", 409: "the job has not finished"})}}},
+        "/jobs/{job_id}/events": {"get": {
+            "summary": "Progress: one event per page finished, then the end (NDJSON, or SSE)", "security": _BEARER,
+            "parameters": _JOB_ID,
+            "responses": {"200": {"description": "the events",
+                                  "content": {"application/x-ndjson": {"schema": {"type": "string"}},
+                                              "text/event-stream": {"schema": {"type": "string"}}}},
+                          **_errors(OCRError, _JOB_ERRORS)}}},
+    }
+
+
 def _with_choices(schemas: dict[str, Any]) -> dict[str, Any]:
     """prompt_type and image_format are checked against lists the model cannot hold (they come
     from prompts.json and image_utils); the document names them."""
-    for name in ("OCRRequest", "InspectRequest", "RenderRequest"):
+    for name in ("OCRRequest", "InspectRequest", "RenderRequest", "JobRequest"):
         props = schemas[name]["properties"]
         if "prompt_type" in props:
             props["prompt_type"]["enum"] = list(PROMPT_TYPES)
-        props["image_format"]["enum"] = list(IMAGE_FORMATS)
+        props["image_format" if "image_format" in props else "document_format"]["enum"] = list(IMAGE_FORMATS)
     return schemas
 
 
@@ -187,10 +285,11 @@ def _version() -> str:
 @functools.lru_cache(maxsize=1)
 def build_document() -> dict[str, Any]:
     """The OpenAPI document (built once per process)."""
-    models = [(m, "validation") for m in (OCRRequest, ChatCompletionRequest, InspectRequest, RenderRequest)]
+    models = [(m, "validation") for m in (OCRRequest, ChatCompletionRequest, InspectRequest, RenderRequest,
+                                          JobRequest)]
     models += [(m, "serialization") for m in (ChatCompletion, ChatCompletionChunk, ModelList, ModelCard, ErrorResponse,
                                               HealthResponse, OCRResponse, OCRError, InspectResponse, RenderResponse,
-                                              UIConfig)]
+                                              UIConfig, JobSubmitted, JobStatus, JobList, JobResult)]
     _, top = models_json_schema(models, ref_template=REF)
     return {
         "openapi": "3.1.0",
