@@ -149,7 +149,7 @@ def decode_image_bytes(data: bytes, policy: ImagePolicy) -> Image.Image:
             "Could not decode image: unrecognised or unsupported format "
             "(supported: PNG, JPEG, WebP, BMP, TIFF, GIF, PDF)"
         ) from None
-    except Exception as exc:  # corrupt headers raise many kinds of errors inside Pillow
+    except Exception as exc:  # noqa: BLE001 - corrupt headers raise many kinds of errors inside Pillow
         raise ImageInputError(f"Could not decode image: {_describe(exc)}") from None
 
     try:
@@ -163,19 +163,19 @@ def decode_image_bytes(data: bytes, policy: ImagePolicy) -> Image.Image:
             raise _bomb_error(exc, policy) from None
         except ImageInputError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - decoding a corrupt image raises many kinds of errors
             raise ImageInputError(f"Could not decode image: {_describe(exc)}") from None
 
         try:
             oriented = ImageOps.exif_transpose(image)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a bad EXIF block (see below)
             # A malformed EXIF block must not make an otherwise good image unusable.
             oriented = image
         if oriented is None:  # older Pillow with in_place semantics
             oriented = image
         try:
             rgb = to_rgb(oriented)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a color mode Pillow cannot convert, however it says so
             raise ImageInputError(f"Could not decode image: unsupported color mode ({_describe(exc)})") from None
         if rgb is image:
             rgb = image.copy()

@@ -105,7 +105,7 @@ def _open_document(source):
         return pdfium.PdfDocument(source)
     except pdfium.PdfiumError as exc:
         raise _open_error(exc) from None
-    except Exception:
+    except Exception:  # noqa: BLE001 - pdfium raises other errors for some damaged files
         raise ImageInputError("Could not open PDF: the file is damaged or not a valid PDF") from None
 
 
@@ -229,11 +229,11 @@ def _render_open_document(document, page: int, requested: float, policy: ImagePo
     deadline.check()
     try:
         document.init_forms()  # so that filled-in form fields are drawn
-    except Exception:
+    except Exception:  # noqa: BLE001 - a document whose forms do not load is drawn without them
         pass
     try:
         pdf_page = document[page - 1]
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to load a page is that page's error
         raise ImageInputError(f"Could not read page {page} of the PDF") from None
     try:
         deadline.check()

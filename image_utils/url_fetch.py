@@ -160,7 +160,7 @@ def _getaddrinfo_within(host: str, port: int, seconds: Optional[float]):
     def lookup() -> None:
         try:
             outcome["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except BaseException as exc:  # handed to the waiting thread below
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread below
             outcome["error"] = exc
 
     worker = threading.Thread(target=lookup, name="image-url-dns", daemon=True)

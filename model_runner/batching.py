@@ -439,7 +439,7 @@ class BatchEngine:
             tokens = torch.cat([r.last_token for r in active]).view(len(active), 1)
             positions = torch.tensor([r.cache_len for r in active], device=tokens.device)
             logits = self.backend.step(tokens, positions)
-        except Exception as exc:  # noqa: BLE001 - the shared forward failed: every row of it fails
+        except Exception as exc:  # the shared forward failed: every row of it fails
             log.exception("a batched decode step failed (%d rows)", len(active))
             self._fail_batch(exc)
             return
@@ -484,7 +484,7 @@ class BatchEngine:
             return
         try:
             order = self.backend.remove(rows)
-        except Exception as exc:  # noqa: BLE001 - the batch's cache is in doubt: start again
+        except Exception as exc:  # the batch's cache is in doubt: start again
             log.exception("removing finished rows failed")
             self._fail_batch(exc)
             return

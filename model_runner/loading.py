@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
-
 from .modeling_dots_ocr import flash_attn_available, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "resolve_device", "resolve_dtype", "resolve_attention", "load_checkpoint",
            "build_fast_path"]

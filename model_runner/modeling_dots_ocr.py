@@ -238,7 +238,7 @@ def _get_flash_attn_varlen_func():
             from flash_attn import flash_attn_varlen_func  # type: ignore
 
             _flash_attn_varlen_func = flash_attn_varlen_func
-        except Exception:  # ImportError, or a broken CUDA build
+        except Exception:  # noqa: BLE001 - ImportError, or a broken CUDA build
             _flash_attn_varlen_func = None
     return _flash_attn_varlen_func
 
@@ -613,7 +613,8 @@ class DotsOCRForCausalLM(Qwen2ForCausalLM):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        cache_position: torch.LongTensor | None = None,  # accepted for compatibility; Qwen2 in transformers 5 ignores it
+        # accepted for compatibility; Qwen2 in transformers 5 ignores it
+        cache_position: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -703,7 +704,8 @@ class DotsOCRForCausalLM(Qwen2ForCausalLM):
         device = torch.device(device)
         dtype = resolve_dtype(dtype, device)
         if attn_implementation not in LLM_ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"attn_implementation must be one of {LLM_ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
+            raise ValueError(f"attn_implementation must be one of {LLM_ATTN_IMPLEMENTATIONS}, "
+                             f"got {attn_implementation!r}")
         if vision_attn_implementation is None:
             vision_attn_implementation = attn_implementation
         if vision_attn_implementation not in VISION_ATTN_IMPLEMENTATIONS:
@@ -806,7 +808,8 @@ def checkpoint_tensor_locations(folder: str | Path) -> dict[str, Path]:
             in_shard = set(handle.keys())
         listed = {name for name, where in locations.items() if where == shard}
         if listed - in_shard:
-            raise CheckpointError(f"shard {shard.name} lacks tensors its index lists: {_format_names(listed - in_shard)}")
+            raise CheckpointError(f"shard {shard.name} lacks tensors its index lists: "
+                                  f"{_format_names(listed - in_shard)}")
         if in_shard - listed:
             raise CheckpointError(
                 f"shard {shard.name} holds tensors the index does not list for it: {_format_names(in_shard - listed)}"

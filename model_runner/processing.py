@@ -217,7 +217,7 @@ def load_processor(path: str | Path) -> DotsOCRProcessor:
     ``preprocessor_config.json`` (read into transformers' ``Qwen2VLImageProcessor``)."""
     # Importing the model module registers DotsOCRConfig for model_type "dots_ocr"; without it
     # AutoTokenizer sees the folder's auto_map and asks whether to trust its remote code.
-    from . import modeling_dots_ocr  # noqa: F401
+    from . import modeling_dots_ocr  # noqa: F401 - imported for its registration
 
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)

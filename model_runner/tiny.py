@@ -170,7 +170,8 @@ MOCR_PREPROCESSOR_AUTO_MAP = {"AutoProcessor": "configuration_dots.DotsVLProcess
 
 # The pre-tokenizer split of the Qwen2 tokenizer (transformers' Qwen2Tokenizer rebuilds the same pipeline).
 QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 NUM_BPE_MERGES = 320

@@ -140,9 +140,11 @@ def main() -> int:
     print(f"\nMachine: {info['cpu']}, {info['cores']} cores, {info.get('ram_gib')} GiB RAM, "
           f"load average {info.get('load_avg_1m_at_start')} at start; GPU: {info['gpu']}; "
           f"torch {info['torch']}, ray {info['ray']}, Python {info['python']}")
-    print(f"Job: {args.pages} pages (600 x 800 PNG), {'tiny random checkpoint' if not args.model_path else args.model_path},"
-          f" {args.device}, max {args.new_tokens} new tokens, {args.batch_size} pages per actor batch\n")
-    print("| actors | CPUs/actor | OCR stage (s) | pages/s, whole stage | first batch (s) | pages/s, steady | vs first |")
+    model = "tiny random checkpoint" if not args.model_path else args.model_path
+    print(f"Job: {args.pages} pages (600 x 800 PNG), {model}, {args.device}, max {args.new_tokens} new tokens, "
+          f"{args.batch_size} pages per actor batch\n")
+    print("| actors | CPUs/actor | OCR stage (s) | pages/s, whole stage | first batch (s) | pages/s, steady "
+          "| vs first |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         ratio = f"{r['steady_pages_s'] / base:.2f}x" if base and r["steady_pages_s"] else "-"

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - after the sys.path set-up
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from serverproc import running_server_process  # noqa: E402  (tests/ helpers: one way to start the server)
-from test_hardening import PAGE, _SlowClients  # noqa: E402
+from serverproc import running_server_process  # noqa: E402 - tests/ helpers: one way to start the server
+from test_hardening import PAGE, _SlowClients  # noqa: E402 - after the sys.path set-up
 
 
 def machine() -> str:

@@ -4,9 +4,9 @@ Starts ``server.py`` on the tiny random checkpoint (CPU) and sends ``--requests`
 ``--clients`` client threads, cycling through four kinds: a plain answer, a stream read to its end,
 a stream abandoned after its first line (the client closes the connection), and a request whose
 client gives up after ``--give-up-s`` (a read timeout on a long answer). A request answered 429
-is sent again after 50 ms (up to 50 times), so that generations run. The server's thread count and RSS (``/proc/PID/status``) are read before the soak
-(after one warm-up request), right after it, and after ``--idle-s`` seconds of idling. Prints a
-table naming the machine, then one JSON line.
+is sent again after 50 ms (up to 50 times), so that generations run. The server's thread count
+and RSS (``/proc/PID/status``) are read before the soak (after one warm-up request), right after
+it, and after ``--idle-s`` seconds of idling. Prints a table naming the machine, then one JSON line.
 
     python scripts/bench_soak.py [--requests 300] [--clients 8] [--max-batch-size 1] [--idle-s 5]
 """
@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from dots_ocr_server.eval.machine import machine_info, machine_line  # noqa: E402
-from serverproc import page_png, process_figures, running_server_process  # noqa: E402  (tests/ helpers)
-from soak import one_request, soak, thread_names  # noqa: E402
+from dots_ocr_server.eval.machine import machine_info, machine_line  # noqa: E402 - after the sys.path set-up
+from serverproc import page_png, process_figures, running_server_process  # noqa: E402 - tests/ helpers
+from soak import one_request, soak, thread_names  # noqa: E402 - after the sys.path set-up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
     print(json.dumps({"bench": "soak", "machine": machine_info(), "requests": args.requests,
                       "clients": args.clients, "max_batch_size": args.max_batch_size, "seconds": round(seconds, 2),
-                      "before": before, "after": after, "idle": idle, "idle_threads": dict(names), "outcomes": dict(outcomes)}))
+                      "before": before, "after": after, "idle": idle, "idle_threads": dict(names),
+                      "outcomes": dict(outcomes)}))
     return 0
 
 

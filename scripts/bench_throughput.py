@@ -48,7 +48,7 @@ for folder in (REPO, REPO / "scripts"):
         sys.path.insert(0, str(folder))
 
 from dots_ocr_server.eval.machine import print_result  # noqa: E402 - after the path set-up
-from dots_ocr_server.eval.report import aligned_table, percentile, seconds_text  # noqa: E402
+from dots_ocr_server.eval.report import aligned_table, percentile, seconds_text  # noqa: E402 - after the sys.path set-up
 
 DEFAULT_IMAGE = REPO / "samples" / "demo_image2.png"
 KEYS = ("batch_size", "pages", "wall_s", "pages_per_s", "tok_per_s", "latency_p50_s", "latency_p95_s",
@@ -320,7 +320,8 @@ def run(args) -> dict:
             proc.wait(timeout=10)
     by_size = {level["batch_size"]: level for level in levels}
     ratio = (by_size[4]["tok_per_s"] / by_size[1]["tok_per_s"]) if 1 in by_size and 4 in by_size else None
-    model = "tiny random (demo)" if args.demo else "full-size random weights" if args.random_full_size else args.model_path
+    model = ("tiny random (demo)" if args.demo else "full-size random weights" if args.random_full_size
+             else args.model_path)
     return {"machine": machine(health), "model": model, "image": image_label, "pages": args.pages,
             "new_tokens": args.new_tokens, "stream": args.stream, "batch_sizes": args.batch_sizes,
             "server_max_batch_size":

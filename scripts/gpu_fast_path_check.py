@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - after the sys.path set-up
 
 
 def agreement(reference: list[int], other: list[int]) -> dict:

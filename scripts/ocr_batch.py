@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dots_ocr_server.batch.cli import main  # noqa: E402
+from dots_ocr_server.batch.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

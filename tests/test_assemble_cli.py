@@ -69,7 +69,8 @@ def test_json_file_with_page_images(tmp_path, capsys):
     assert main([str(path)]) == 0
     out = tmp_path / "in"
     assert (out / "document.md").read_text() == (
-        "<table><tr><th>k</th><th>v</th></tr><tr><td>a</td><td>1</td></tr></table>\n\nA paragraph that the page break cuts in two.\n\n![Figure 1.](figures/page-2-fig-1.png)\n\nFigure 1.\n")
+        "<table><tr><th>k</th><th>v</th></tr><tr><td>a</td><td>1</td></tr></table>\n\n"
+        "A paragraph that the page break cuts in two.\n\n![Figure 1.](figures/page-2-fig-1.png)\n\nFigure 1.\n")
     data = json.loads((out / "document.json").read_text())
     assert data["source"] == "scan.pdf" and data["metadata"]["model"] == "dots-ocr"
     with Image.open(out / "figures" / "page-2-fig-1.png") as crop:
@@ -194,8 +195,9 @@ def test_page_not_done_and_bad_arguments(tmp_path, capsys):
 
 def test_runs_as_a_command(tmp_path):
     path = _pages_json(tmp_path / "in")
-    proc = subprocess.run([sys.executable, "-m", "dots_ocr_server.document.cli", str(path), "--out", str(tmp_path / "o")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run([sys.executable, "-m", "dots_ocr_server.document.cli", str(path),
+                           "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o" / "document.md").is_file()
     proc = subprocess.run([sys.executable, "-m", "dots_ocr_server.document.cli", str(tmp_path / "nope.json")],

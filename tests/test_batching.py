@@ -62,7 +62,8 @@ def prepared(runner, images):
 
 
 def _request(runner, inputs, max_new_tokens, chooser=None, **fields) -> EngineRequest:
-    chooser = chooser or TokenChooser(DecodingOptions(temperature=0), runner.model.lm_head.weight.shape[0], runner.device)
+    vocab = runner.model.lm_head.weight.shape[0]
+    chooser = chooser or TokenChooser(DecodingOptions(temperature=0), vocab, runner.device)
     fields.setdefault("eos_ids", frozenset(runner.generator.eos_ids))
     return EngineRequest(inputs=inputs, chooser=chooser, max_new_tokens=max_new_tokens, **fields)
 

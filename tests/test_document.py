@@ -97,7 +97,8 @@ def test_hyphenated_word_split_across_the_break():
 
 
 def test_cjk_lines_join_without_a_space():
-    assert continue_paragraph("學生就學貸款銀行對保及", "學校緩繳手續截止。") == "學生就學貸款銀行對保及學校緩繳手續截止。"
+    assert continue_paragraph("學生就學貸款銀行對保及", "學校緩繳手續截止。") == (
+        "學生就學貸款銀行對保及學校緩繳手續截止。")
     assert continue_paragraph("手續截止。", "學校") is None
 
 
@@ -440,7 +441,8 @@ def test_demo_pdf_document_from_hand_written_layouts():
     assert not any(block.joins for block in document.blocks)
     remarks = next(b for b in document.blocks if b.category == "Caption")
     assert remarks.text == "備註：每月定期舉行會議名稱" and remarks.caption_of == "p2-c51"
-    assert document.markdown.endswith("備註：每月定期舉行會議名稱\n\n<table><tbody><tr><td>1、第一個星期一中午十二時三十分"
+    assert document.markdown.endswith("備註：每月定期舉行會議名稱\n\n<table><tbody><tr><td>"
+                                      "1、第一個星期一中午十二時三十分"
                                       "採購委員會會議<br>2、第一、三個星期四下午三時三十分財物及勞務 50~400 萬、工程 "
                                       "50~800萬採購小組會議</td><td>3、第二個星期四下午二時行政會議<br>4、政府公布之國定"
                                       "假日與本行事曆不一致時，依政府公告為準。<br>5、附屬醫療機構教學、服務，以醫院行事曆"

@@ -1,5 +1,6 @@
-"""Hardening: each defect an adversarial run found, as a test that failed before its fix. Real server processes are talked to with raw sockets where the defect lives below
-HTTP (slow clients, malformed requests); the rest goes through the Flask test client."""
+"""Hardening: each defect an adversarial run found, as a test that failed before its fix. Real
+server processes are talked to with raw sockets where the defect lives below HTTP (slow clients,
+malformed requests); the rest goes through the Flask test client."""
 from __future__ import annotations
 
 import base64
@@ -607,7 +608,8 @@ def test_a_slow_pdf_page_is_rendered_without_holding_the_slot(runner):
 def test_the_pdf_render_time_is_bounded_by_its_flag(runner):
     from server import create_app, parse_args
 
-    assert parse_args([]).pdf_render_timeout == 15.0 and parse_args(["--pdf-render-timeout", "2"]).pdf_render_timeout == 2
+    assert parse_args([]).pdf_render_timeout == 15.0
+    assert parse_args(["--pdf-render-timeout", "2"]).pdf_render_timeout == 2
     app = create_app({"pdf_render_timeout": 0.3}, runner=runner)
     started = time.monotonic()
     response = app.test_client().post("/ocr", json={"image": base64.b64encode(_slow_pdf(6000)).decode(),

@@ -555,7 +555,7 @@ def test_pdf_rendering_from_threads():
     def work(page):
         try:
             results.append(load_b64(pdf, page=page, dpi=72).image.size)
-        except Exception as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(1 + i % 2,)) for i in range(8)]

@@ -85,7 +85,8 @@ def test_busy_errors_and_gauges(app, client, page_path, runner):
     after = _scrape(client)
     assert _value(after, "dots_ocr:num_requests_running") == 0
     assert _value(after, "dots_ocr:num_requests_waiting") == 0
-    assert _value(after, "dots_ocr:request_busy_rejections_total") - _value(before, "dots_ocr:request_busy_rejections_total") == 1
+    rejected = "dots_ocr:request_busy_rejections_total"
+    assert _value(after, rejected) - _value(before, rejected) == 1
     for status, route, method in (("429", "/ocr", "POST"), ("400", "/ocr", "POST"), ("404", "unmatched", "GET"),
                                   ("500", "/ocr", "POST")):
         assert _value(after, "dots_ocr:http_requests_total", route=route, method=method, status=status) == \
@@ -179,7 +180,8 @@ def test_log_lines_and_the_access_line_carry_the_request_id(client, page_path, r
     response.close()  # a WSGI server closes every response; the access line is written then
     access = [r for r in server_records if r.name == "dots_ocr_server.access"]
     assert len(access) == 1
-    assert access[0].access["eval_count"] == body["eval_count"] and access[0].access["done_reason"] == body["done_reason"]
+    assert access[0].access["eval_count"] == body["eval_count"]
+    assert access[0].access["done_reason"] == body["done_reason"]
     assert "done_reason=" in access[0].getMessage()
 
 

@@ -87,7 +87,8 @@ def _expected_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     head_dim = hidden // config["num_attention_heads"]
     kv = config["num_key_value_heads"] * head_dim
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
     for i in range(TINY_LLM_LAYERS):
         p = f"model.layers.{i}."
         shapes.update({
@@ -127,8 +128,10 @@ def test_tiny_checkpoint_has_official_layout(sharded_ckpt, tokenizer):
     from safetensors import safe_open
 
     config = json.loads((sharded_ckpt / "config.json").read_text())
-    assert list(config) == list(OFFICIAL_CONFIG) and list(config["vision_config"]) == list(OFFICIAL_CONFIG["vision_config"])
-    assert config["num_hidden_layers"] == TINY_LLM_LAYERS and config["vision_config"]["num_hidden_layers"] == TINY_VISION_BLOCKS
+    assert list(config) == list(OFFICIAL_CONFIG)
+    assert list(config["vision_config"]) == list(OFFICIAL_CONFIG["vision_config"])
+    assert config["num_hidden_layers"] == TINY_LLM_LAYERS
+    assert config["vision_config"]["num_hidden_layers"] == TINY_VISION_BLOCKS
     assert config["vocab_size"] % 64 == 0 and config["vocab_size"] >= len(tokenizer)
 
     index = json.loads((sharded_ckpt / "model.safetensors.index.json").read_text())
@@ -148,18 +151,22 @@ def test_tiny_checkpoint_has_official_layout(sharded_ckpt, tokenizer):
     added = json.loads((sharded_ckpt / "tokenizer_config.json").read_text())["added_tokens_decoder"]
     contents = [added[k]["content"] for k in sorted(added, key=int)]
     assert contents[0] == "<|endoftext|>" and contents[22:25] == ["<|imgpad|>", "<|img|>", "<|endofimg|>"]
-    assert [int(k) for k in sorted(added, key=int)] == list(range(int(min(added, key=int)), int(min(added, key=int)) + 45))
+    first = int(min(added, key=int))
+    assert [int(k) for k in sorted(added, key=int)] == list(range(first, first + 45))
     for token_id, entry in added.items():
         assert tokenizer.convert_tokens_to_ids(entry["content"]) == int(token_id)
         assert tokenizer(entry["content"])["input_ids"] == [int(token_id)]
     ids = tokenizer("<|img|><|imgpad|><|imgpad|><|endofimg|> hello<|assistant|>")["input_ids"]
-    assert ids[:4] == [tokenizer.convert_tokens_to_ids(t) for t in ("<|img|>", "<|imgpad|>", "<|imgpad|>", "<|endofimg|>")]
+    assert ids[:4] == [tokenizer.convert_tokens_to_ids(t)
+                       for t in ("<|img|>", "<|imgpad|>", "<|imgpad|>", "<|endofimg|>")]
     assert config["image_token_id"] == tokenizer.convert_tokens_to_ids("<|imgpad|>")
     assert config["video_token_id"] == tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert tokenizer.pad_token == "[PAD]" and tokenizer.eos_token == "<|endoftext|>"
     generation = json.loads((sharded_ckpt / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|endofassistant|>")]
-    assert tokenizer.decode(tokenizer("Tables in HTML, formulas in LaTeX.")["input_ids"]) == "Tables in HTML, formulas in LaTeX."
+    assert generation["eos_token_id"] == [tokenizer.convert_tokens_to_ids(t)
+                                          for t in ("<|endoftext|>", "<|endofassistant|>")]
+    sentence = "Tables in HTML, formulas in LaTeX."
+    assert tokenizer.decode(tokenizer(sentence)["input_ids"]) == sentence
 
 
 def test_tiny_checkpoint_is_deterministic_per_seed(sharded_ckpt, tmp_path):
@@ -179,7 +186,8 @@ def test_tiny_checkpoint_is_deterministic_per_seed(sharded_ckpt, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_sharded_and_single_file_checkpoints_give_identical_logits(model, single_ckpt, tokenizer, image_processor, images):
+def test_sharded_and_single_file_checkpoints_give_identical_logits(model, single_ckpt, tokenizer, image_processor,
+                                                                   images):
     single = DotsOCRForCausalLM.from_pretrained(single_ckpt, dtype=torch.float32)
     assert (single_ckpt / "model.safetensors").exists() and not (single_ckpt / "model.safetensors.index.json").exists()
     pixel_values, grid = _vision_inputs(image_processor, images[:1])
@@ -400,7 +408,8 @@ def test_batch_with_left_padding_matches_single_prompts(model, tokenizer, image_
     length = max(len(ids) for ids in encodings)
     pad = tokenizer.pad_token_id
     input_ids = torch.stack([torch.cat([torch.full((length - len(i),), pad), i]) for i in encodings])
-    attention_mask = (torch.arange(length)[None] >= (length - torch.tensor([len(i) for i in encodings]))[:, None]).long()
+    lengths = torch.tensor([len(i) for i in encodings])
+    attention_mask = (torch.arange(length)[None] >= (length - lengths)[:, None]).long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     pixel_values, grid = _vision_inputs(image_processor, images)
     with torch.no_grad():
@@ -460,7 +469,8 @@ def test_prepare_inputs_pass_images_only_while_the_cache_is_empty(model, tokeniz
     assert "pixel_values" not in later and "image_grid_thw" not in later
     assert later["input_ids"].shape == (1, 1)
     # a decode step ignores pixel_values even if a caller passes them (the images are already in the cache)
-    step = {"input_ids": later["input_ids"], "attention_mask": torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long)}
+    step = {"input_ids": later["input_ids"],
+            "attention_mask": torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long)}
     with torch.no_grad():
         text_step = model(**step, past_key_values=copy.deepcopy(cache)).logits
         image_step = model(**step, past_key_values=cache, pixel_values=pixel_values, image_grid_thw=grid).logits
@@ -477,7 +487,8 @@ def test_float32_and_bfloat16_models_run(sharded_ckpt, model, tokenizer, image_p
     with torch.no_grad():
         reference = model(**enc, pixel_values=pixel_values, image_grid_thw=grid).logits
         low = bf16(**enc, pixel_values=pixel_values, image_grid_thw=grid).logits
-        generated = bf16.generate(**enc, pixel_values=pixel_values, image_grid_thw=grid, max_new_tokens=3, do_sample=False)
+        generated = bf16.generate(**enc, pixel_values=pixel_values, image_grid_thw=grid, max_new_tokens=3,
+                                  do_sample=False)
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     assert (low.float() - reference).abs().max() < 0.25 * reference.abs().max()
     assert generated.shape[1] > enc["input_ids"].shape[1]
@@ -584,5 +595,6 @@ def test_generate_stops_at_either_eos(model, tokenizer):
     for eos in model.generation_config.eos_token_id:  # <|endoftext|> and <|endofassistant|>
         tokens = plain + [eos] + plain
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=10, do_sample=False, logits_processor=LogitsProcessorList([Forced(tokens)]))
+            out = model.generate(**enc, max_new_tokens=10, do_sample=False,
+                                 logits_processor=LogitsProcessorList([Forced(tokens)]))
         assert out[0, enc["input_ids"].shape[1] :].tolist() == plain + [eos]

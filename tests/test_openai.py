@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import functools
 import io
 import json
 import socket
@@ -101,7 +102,8 @@ def test_usage_counts_the_tokens(client, runner):
     assert all(entry["bytes"] == list(entry["token"].encode()) for entry in content)
     image = Image.open(io.BytesIO(PNG))
     turns = [{"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": PLACEHOLDER + OCR_PROMPT}]}]
-    assert usage["prompt_tokens"] == runner.processor.page_inputs(image, None, messages=turns).tensors["input_ids"].shape[1]
+    prompt = runner.processor.page_inputs(image, None, messages=turns).tensors["input_ids"]
+    assert usage["prompt_tokens"] == prompt.shape[1]
 
 
 def test_system_prompt_reaches_the_model(client, runner):
@@ -114,7 +116,8 @@ def test_system_prompt_reaches_the_model(client, runner):
     def tokens(text: str) -> int:
         return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    system_turn = tokens(processor.render_prompt(OCR_PROMPT, system=system)) - tokens(processor.render_prompt(OCR_PROMPT))
+    system_turn = (tokens(processor.render_prompt(OCR_PROMPT, system=system))
+                   - tokens(processor.render_prompt(OCR_PROMPT)))
     assert system_turn > 0 and with_system == plain + system_turn
     # developer (OpenAI's newer name) is the same turn; text parts and assistant turns are accepted
     messages = [{"role": "developer", "content": [{"type": "text", "text": system}]}, *upstream_messages(),
@@ -321,7 +324,7 @@ def test_slot_pool_queue_is_fifo_and_bounded():
     for name in ("first", "second"):
         threads.append(threading.Thread(target=waiter, args=(name,)))
         threads[-1].start()
-        wait_for(lambda n=len(threads): pool.queued == n)
+        wait_for(functools.partial(lambda n: pool.queued == n, len(threads)))
     with pytest.raises(QueueFull):
         pool.acquire_queued(2)
     assert not pool.acquire()  # the non-queued API never jumps the line
@@ -513,7 +516,7 @@ def test_queued_client_hang_up_leaves_the_queue(server):
     wait_for(lambda: _health(server)["running"] == 0, 60)
 
 
-def test_schemathesis_never_gets_a_5xx(runner):
+def test_schemathesis_never_gets_a_5xx(runner, tmp_path):
     """Every request generated from /openapi.json, valid or not, gets a documented status, never
     a 5xx."""
     import hypothesis
@@ -523,7 +526,7 @@ def test_schemathesis_never_gets_a_5xx(runner):
 
     from server import create_app
 
-    app = create_app({"max_new_tokens_limit": 4}, runner=runner)
+    app = create_app({"max_new_tokens_limit": 4, "data_dir": str(tmp_path / "jobs")}, runner=runner)
     schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
     failures, calls = [], []
 
@@ -547,8 +550,13 @@ def test_schemathesis_never_gets_a_5xx(runner):
         except hypothesis.errors.Unsatisfiable:  # a route without inputs has no invalid request
             assert mode == schemathesis.GenerationMode.NEGATIVE
 
-    for operation in schema.get_all_operations():
-        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-            run(operation.ok(), mode)
+    try:
+        for operation in schema.get_all_operations():
+            for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+                run(operation.ok(), mode)
+    finally:
+        app.extensions["dots_ocr"].jobs.stop()
     assert not failures, "\n".join(failures[:5])
+    fuzzed = {label.split(" ", 1)[1] for label, _ in calls}
+    assert {"/ocr", "/inspect", "/ui/render", "/jobs", "/jobs/{job_id}/result"} <= fuzzed
     assert {label for label, _ in calls} >= {"POST /ocr", "POST /v1/chat/completions", "GET /v1/models"}

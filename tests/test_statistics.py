@@ -51,7 +51,8 @@ def test_statistics_plain_and_streamed(client, page_path, runner, page_image):
     plain = _ocr(client, image=page_path, max_new_tokens=10, logprobs=True).get_json()
     _assert_sane(plain)
     assert plain["eval_count"] == len(plain["logprobs"])  # one record per generated token
-    assert plain["prompt_eval_count"] == runner.processor.page_inputs(page_image, "prompt_ocr").tensors["input_ids"].shape[1]
+    prompt = runner.processor.page_inputs(page_image, "prompt_ocr").tensors["input_ids"]
+    assert plain["prompt_eval_count"] == prompt.shape[1]
     lines = _stream(client, image=page_path, max_new_tokens=10, logprobs=True)
     last = lines[-1]
     _assert_sane(last)

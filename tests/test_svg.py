@@ -55,7 +55,8 @@ def test_clean_svg_is_returned_as_written(wrapped):
 
 
 def test_nested_svg_is_kept_whole():
-    nested = '<svg xmlns="http://www.w3.org/2000/svg"><svg x="5"><rect width="1" height="1"/></svg><circle r="2"/></svg>'
+    nested = ('<svg xmlns="http://www.w3.org/2000/svg"><svg x="5"><rect width="1" height="1"/></svg>'
+              '<circle r="2"/></svg>')
     assert extract_svg(nested + " trailing") == SvgResult(svg=nested, repaired=False)
 
 
@@ -78,7 +79,8 @@ def test_cuts_at_tag_boundaries(cut_at):
 
 
 def test_unclosed_elements_and_broken_markup_are_repaired():
-    broken = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10"><g><rect width="3" height="3"><circle r="1"/></g>'
+    broken = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10"><g><rect width="3" height="3">'
+              '<circle r="1"/></g>')
     result = extract_svg(broken)
     assert result.repaired
     root = etree.fromstring(result.svg)

@@ -32,7 +32,7 @@ def chromium_executable() -> str | None:
 def _require_browser() -> str:
     executable = chromium_executable()
     try:
-        import playwright.sync_api  # noqa: F401
+        import playwright.sync_api  # noqa: F401 - only whether it imports matters
     except ImportError:
         executable = None
     if executable is None:

@@ -132,14 +132,16 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--max-body-mb", dict(type=float, help="largest request body accepted")),
     ("--max-image-pixels", dict(type=int, help="largest decoded image (width x height)")),
     ("--max-new-tokens-limit", dict(type=int, help="largest max_new_tokens a request may ask for")),
-    ("--default-max-new-tokens", dict(type=int, help="max_new_tokens of a request that sets none "
-                                                     f"(None: {DEFAULT_MAX_NEW_TOKENS}; {DEMO_MAX_NEW_TOKENS} with --demo)")),
+    ("--default-max-new-tokens", dict(
+        type=int, help=f"max_new_tokens of a request that sets none (None: {DEFAULT_MAX_NEW_TOKENS}; "
+                       f"{DEMO_MAX_NEW_TOKENS} with --demo)")),
     ("--repetition-window", dict(type=int, help="tokens of exact repetition that stop a looping page (0: off)")),
     ("--compile", dict(action=argparse.BooleanOptionalAction,
                        help="CUDA fast path: static KV cache + compiled decode step "
                             "(default: on with CUDA, off on CPU)")),
     ("--threads", dict(type=int, help="request threads (one request runs; the others get 429)")),
-    ("--max-batch-size", dict(type=int, help="requests that generate together (1: one at a time, as the dots.ocr API document)")),
+    ("--max-batch-size", dict(type=int, help="requests that generate together (1: one at a time, as the dots.ocr "
+                                             "API document)")),
     ("--torch-threads", dict(type=int, help="torch's intra-op CPU threads (default: torch's, one per core); "
                                            "fewer leaves cores to the request threads on a CPU server")),
     ("--max-queue", dict(type=int, help="/v1 requests that wait for a slot when all are busy (more: 429); "

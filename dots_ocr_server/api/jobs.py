@@ -99,7 +99,7 @@ def list_jobs():
 
     _state_, jobs = _manager()
     limit = _int_arg("limit", DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT)
-    before = _int_arg("before", None, 1)
+    before = _int_arg("before", None, 1, 2**63 - 1)  # a job's sequence number (SQLite's INTEGER)
     sha256 = request.args.get("sha256")
     if not jobs.exists():
         return jsonify({"jobs": [], "next": None})

@@ -142,7 +142,7 @@ def _stream_lines(req: OCRRequest, run: PageRun, release: Callable[[], None],
                 yield line("", True, error=SHUTDOWN_MESSAGE, request_id=request_id, **result.statistics())
                 return
             extra = result.extra_fields()
-        except Exception as exc:  # noqa: BLE001 - the client gets it as the stream's last line
+        except Exception as exc:  # the client gets it as the stream's last line
             log.exception("generation failed mid-stream")
             yield line("", True, error=f"Generation failed: {clip_for_message(exc)}", request_id=request_id)
             return

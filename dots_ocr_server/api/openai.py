@@ -434,7 +434,7 @@ def _sse(run: _Run, release: Callable[[], None]) -> Iterator[bytes]:
             for delta in run.deltas():
                 if delta.text or (run.req.logprobs and delta.tokens):
                     yield send(run.chunk(Delta(content=delta.text), tokens=delta.tokens))
-        except Exception as exc:  # noqa: BLE001 - the client gets it as an error event
+        except Exception as exc:  # the client gets it as an error event
             log.exception("generation failed mid-stream")
             yield _event(error_body(f"Generation failed: {clip_for_message(exc)}", 500))
             yield _event("[DONE]")

@@ -250,7 +250,8 @@ def _job_paths() -> dict[str, Any]:
                                   "content": {"application/json": {"schema": _ref(JobResult)},
                                               "text/markdown": {"schema": {"type": "string"}},
                                               "application/zip": {"schema": {"type": "string", "format": "binary"}}}},
-                          **_errors(OCRError, {**_JOB_ERRORS, 400: "invalid format", 409: "the job has not finished"})}}},
+                          **_errors(OCRError, {**_JOB_ERRORS, 400: "invalid format",
+                                               409: "the job has not finished"})}}},
         "/jobs/{job_id}/events": {"get": {
             "summary": "Progress: one event per page finished, then the end (NDJSON, or SSE)", "security": _BEARER,
             "parameters": _JOB_ID,

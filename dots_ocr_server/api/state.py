@@ -193,7 +193,7 @@ class ServerState:
                             "(/health: default_max_new_tokens; --default-max-new-tokens changes it)",
                             self.config.max_new_tokens_default)
             self.runner.load()
-        except Exception as exc:  # noqa: BLE001 - reported in /health and the log, the server keeps serving
+        except Exception as exc:  # reported in /health and the log, the server keeps serving
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("loading the model failed; /ocr answers 500 '%s'", NOT_LOADED_MESSAGE)
 

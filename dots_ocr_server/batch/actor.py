@@ -135,7 +135,7 @@ class PageOcr:
             row.update(self._run(page, data))
         except _PageError as exc:
             row["error"] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - one bad page must not stop the batch
+        except Exception as exc:  # one bad page must not stop the batch
             log.exception("page %s of %s failed", page.get("page"), page.get("source"))
             row["error"] = f"generation failed: {type(exc).__name__}: {exc}"
         row["seconds"] = time.perf_counter() - started

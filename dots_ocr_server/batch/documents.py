@@ -60,7 +60,8 @@ def write_documents(out: str, settings, options=None) -> list[str]:
     fs, root = open_filesystem(out)
     root = root.rstrip("/") or "/"
     rows = [row for path in shard_files(fs, root) for row in _read_rows(fs, path, None)]
-    rows = [{name: row.get(name) for name in _COLUMNS} for row in rows if row.get("prompt_type") == settings.prompt_type]
+    rows = [{name: row.get(name) for name in _COLUMNS} for row in rows
+            if row.get("prompt_type") == settings.prompt_type]
     written = []
     for sha, pages in sorted(_complete_inputs(rows).items()):
         source = pages[0]["source"]

@@ -45,7 +45,7 @@ class RayMissing(RuntimeError):
 def import_ray():
     try:
         import ray
-        import ray.data  # noqa: F401 - Ray Data is the part this job needs
+        import ray.data  # Ray Data is the part this job needs
     except ImportError as exc:
         raise RayMissing(f"dots-ocr-batch needs Ray Data ({exc}); install it with: {INSTALL_HINT}") from None
     return ray

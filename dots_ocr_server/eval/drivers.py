@@ -27,7 +27,8 @@ from model_runner.prompts import (
 
 from .pages import PageImage
 
-__all__ = ["APIS", "IMAGE_PLACEHOLDER", "Answer", "Generation", "OcrDriver", "OpenAIDriver", "make_driver", "ocr_payload"]
+__all__ = ["APIS", "IMAGE_PLACEHOLDER", "Answer", "Generation", "OcrDriver", "OpenAIDriver", "make_driver",
+           "ocr_payload"]
 
 APIS = ("ocr", "openai")
 #: Where the image goes in the text of a ``/v1`` message (upstream's parser writes it first).

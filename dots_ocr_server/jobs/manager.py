@@ -248,7 +248,7 @@ class JobManager:
             self._running_pages += 1
             try:
                 self._run_page(job, page)
-            except Exception:  # noqa: BLE001 - a bug here must not kill the worker; the page is failed
+            except Exception:  # a bug here must not kill the worker; the page is failed
                 log.exception("jobs: page %d of job %s failed", page.page, job.id)
                 self._finish(job, page.page, "failed", error="internal error (see the server log)")
             finally:
@@ -330,7 +330,7 @@ class JobManager:
             result = run.collect()
         except RequestError as exc:
             return None, exc.message
-        except Exception as exc:  # noqa: BLE001 - the model failed on this page: its error, then a retry
+        except Exception as exc:  # the model failed on this page: its error, then a retry
             log.exception("jobs: the model failed on page %d of job %s", request.source.page, job.id)
             return None, f"generation failed: {type(exc).__name__}: {exc}"
         finally:

@@ -260,8 +260,8 @@ class JobStore:
         left = db.execute("SELECT COUNT(*) FROM pages WHERE job_id = ? AND status IN ('queued', 'running')",
                           (job_id,)).fetchone()[0]
         if left == 0:
-            db.execute("UPDATE jobs SET status = 'done', finished_at = ? WHERE id = ? AND status IN ('queued', 'running')",
-                       (now, job_id))
+            db.execute("UPDATE jobs SET status = 'done', finished_at = ? "
+                       "WHERE id = ? AND status IN ('queued', 'running')", (now, job_id))
 
     def fail_job(self, job_id: str, error: str) -> None:
         """A job that cannot run at all (its document is gone or unreadable): failed, its pages too."""
@@ -269,7 +269,8 @@ class JobStore:
         with self._transaction() as db:
             db.execute("UPDATE pages SET status = 'failed', error = ?, finished_at = ? "
                        "WHERE job_id = ? AND status IN ('queued', 'running')", (error, now, job_id))
-            db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?", (error, now, job_id))
+            db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                       (error, now, job_id))
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued or running job: its queued pages are cancelled at once (a running one when
@@ -279,8 +280,8 @@ class JobStore:
             changed = db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? "
                                  "WHERE id = ? AND status IN ('queued', 'running')", (now, job_id)).rowcount
             if changed:
-                db.execute("UPDATE pages SET status = 'cancelled', finished_at = ? WHERE job_id = ? AND status = 'queued'",
-                           (now, job_id))
+                db.execute("UPDATE pages SET status = 'cancelled', finished_at = ? "
+                           "WHERE job_id = ? AND status = 'queued'", (now, job_id))
         return bool(changed)
 
     def set_file(self, job_id: str, file: str | None) -> None:

@@ -120,7 +120,8 @@ def document_json(job: JobRow, pages: list[PageRow], document) -> dict[str, Any]
         pages_out.append(entry)
     data["pages"] = pages_out
     return {"job_id": job.id, "status": job.status, "pages_total": job.pages_total,
-            "pages_done": sum(p.status == "done" for p in pages), "pages_failed": sum(p.status == "failed" for p in pages),
+            "pages_done": sum(p.status == "done" for p in pages),
+            "pages_failed": sum(p.status == "failed" for p in pages),
             **data}
 
 

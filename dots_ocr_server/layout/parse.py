@@ -88,7 +88,7 @@ def parse_layout(text: str) -> ParseResult:
     except Exception:  # noqa: BLE001 - last line of defence, the contract is "never raises"
         try:
             return ParseResult(cells=[], repaired=True, ok=False, fallback_text=raw.strip())
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the fallback itself must not raise either
             return ParseResult(cells=[], repaired=True, ok=False, fallback_text="")
 
 

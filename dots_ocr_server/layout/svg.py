@@ -176,7 +176,7 @@ def render_svg_png(svg: str, size: Sequence[int], *, max_side: int = MAX_RENDER_
 
     try:
         return bytes(resvg_py.svg_to_bytes(svg_string=clean, background="white", width=width, height=height))
-    except BaseException as exc:  # noqa: BLE001 - a Rust panic arrives as a BaseException subclass
+    except BaseException as exc:  # a Rust panic arrives as a BaseException subclass
         if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
             raise
         raise SvgRenderError(f"the SVG does not render: {exc}") from None

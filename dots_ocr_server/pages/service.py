@@ -197,7 +197,7 @@ class PageService:
                 continue
             try:
                 hook(run)
-            except Exception:  # noqa: BLE001 - bookkeeping must not turn an answer into an error
+            except Exception:  # bookkeeping must not turn an answer into an error
                 log.exception("recording a finished page failed")
 
     # -- looking inside ------------------------------------------------------------------------
