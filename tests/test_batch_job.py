@@ -393,7 +393,7 @@ def test_complete_inputs_get_the_same_document_as_the_client(tmp_path):
                  "prompt_type": "prompt_layout_all_en", "layout": "[]", "width": 10, "height": 10, "error": None}])
     writer.flush()
     folders = write_documents(str(out), settings)
-    folder = out / "documents" / document_name(str(pdf), sha)
+    folder = out / "_documents" / document_name(str(pdf), sha)
     assert folders == [str(folder)]
     golden = (data / "demo_pdf1.document.md").read_text(encoding="utf-8")
     assert (folder / "document.md").read_text(encoding="utf-8") == golden

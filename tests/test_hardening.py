@@ -632,7 +632,7 @@ def test_threads_and_memory_return_near_their_start_after_a_soak(tiny_ckpt, tmp_
             one_request(server.url, kind, page, 0.3)
         before = process_figures(server.proc.pid)
         outcomes = soak(server.url, 48, 8, 0.3)
-        time.sleep(1.5)  # idle: the last busy period has ended
+        wait_for(lambda: server.health()["running"] == 0, what="the server idle")  # its engine has ended too
         idle = process_figures(server.proc.pid)
     assert sum(count for kind, count in outcomes.items() if kind.endswith(":200")) >= 40, outcomes
     # each of the 80 request threads used to keep a team of torch's CPU threads (+1 thread per

@@ -76,21 +76,25 @@ def test_a_reader_behind_collects_the_rest_without_waiting(runner, page_image, m
 
     monkeypatch.setattr(generation, "MAX_TOKENS_PER_PIECE", 4)
     ids = plain_token_ids(runner, 30)
-    release = threading.Event()
+    release, waiting = threading.Event(), threading.Event()
     held = _held_after_first_token(ids, 1)
+    interval = 1.0
 
     def next_token(step):
         if step == 12:  # the prefill chose token 1 (step 0): 12 tokens, then the loop waits here
+            waiting.set()
             release.wait(30)
         return held(step)
 
     with ForcedTokens(runner.model, next_token):
         pieces = runner.stream_pieces(page_image, "prompt_ocr", temperature=0, max_new_tokens=20,
-                                      wake_interval_s=2.0)
+                                      wake_interval_s=interval)
         try:
             assert len(next(pieces).tokens) == 1  # the first token at once
+            read_at = time.perf_counter()
             held.first_read.set()
-            time.sleep(2.5)  # past the interval; 11 more tokens wait
+            assert waiting.wait(30)  # 11 more tokens wait for the reader
+            time.sleep(max(0.0, read_at + interval - time.perf_counter()))  # until its next collection is due
             started = time.perf_counter()
             sizes = [len(next(pieces).tokens) for _ in range(3)]
             elapsed = time.perf_counter() - started
@@ -98,7 +102,7 @@ def test_a_reader_behind_collects_the_rest_without_waiting(runner, page_image, m
             release.set()
             pieces.close()
     assert sizes == [4, 4, 3]
-    assert elapsed < 1.5  # back to back: no 2 s wait after a full piece
+    assert elapsed < 0.75 * interval  # back to back: no wait of an interval after a full piece
 
 
 def test_greedy_is_deterministic_and_sampling_runs(runner, page_image):

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--postprocess", action="store_true",
         help="also write layout (JSON, original pixels), markdown and repaired, as the server's postprocess; "
              "with a layout prompt type, each input whose pages are all done gets its document in "
-             "OUT/documents/<name>/ (document.md, document.json, figures/)")
+             "OUT/_documents/<name>/ (document.md, document.json, figures/)")
     add("--keep-headers", action="store_true",
         help="keep page headers and footers in the documents' Markdown (they are always in document.json)")
     add("--logprobs", action="store_true",

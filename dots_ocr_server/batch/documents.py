@@ -1,4 +1,4 @@
-"""One document per input beside the page rows: ``--out/documents/<name>/`` with ``document.md``,
+"""One document per input beside the page rows: ``--out/_documents/<name>/`` with ``document.md``,
 ``document.json`` and ``figures/`` (the format of docs/DOCUMENT_FORMAT.md, built by the same
 ``dots_ocr_server.document.assemble`` as the client's and the document jobs').
 
@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DOCUMENTS_FOLDER", "document_name", "write_documents"]
 
-DOCUMENTS_FOLDER = "documents"
+# "_": readers of the row shards (pyarrow.parquet.read_table(OUT), pandas.read_parquet(OUT)) skip it
+DOCUMENTS_FOLDER = "_documents"
 _COLUMNS = ["source", "sha256", "page", "page_count", "prompt_type", "response", "finish_reason", "layout",
             "repaired", "width", "height", "error"]
 
