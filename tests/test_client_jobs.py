@@ -19,8 +19,11 @@ import requests
 from PIL import Image
 
 from dots_ocr_server.client import main
+from dots_ocr_server.client.batch import RunControl
 from dots_ocr_server.client.errors import PageError
 from dots_ocr_server.client.http_client import OCRClient
+from dots_ocr_server.client.inputs import assign_names, collect_inputs
+from dots_ocr_server.client.job_results import read_result, write_result
 from dots_ocr_server.client.jobs import JOB_RECORD_NAME, select_pages
 from dots_ocr_server.client.jobs_api import JobsAPI
 from ocr_client_support import DPI, PDF, FakeServer, page_image, read_summary
@@ -297,3 +300,54 @@ def test_a_broken_events_stream_is_reopened():
             client.close()
     assert end["status"] == "done" and state == {"streams": 2, "status_reads": 2}
     assert seen == [1, 1, 2, 2]
+
+
+def test_a_layout_result_leaves_the_folders_of_a_page_by_page_run(tmp_path):
+    """A layout job's result (made by the server's own views, with a figure): the per-page files
+    of outputs.py, the document files, and a folder dots-ocr-assemble reads like any other."""
+    from dots_ocr_server.document.cli import main as assemble_main
+    from dots_ocr_server.document.inputs import read_client_folder
+    from dots_ocr_server.jobs.pages import save_figures
+    from dots_ocr_server.jobs.store import JobRow, PageRow
+    from dots_ocr_server.jobs.views import document_zip_bytes, job_document
+
+    image = tmp_path / "scan.png"
+    page_image(224, 280, 0).save(image)
+    cells = [{"bbox": [10, 10, 200, 40], "category": "Title", "text": "Hello"},
+             {"bbox": [20, 60, 180, 200], "category": "Picture"},
+             {"bbox": [10, 220, 200, 260], "category": "Text", "text": "World"}]
+    answer = {"width": 224, "height": 280, "response": json.dumps(cells), "done_reason": "stop", "eval_count": 40,
+              "total_duration": 2_000_000_000, "layout": cells, "markdown": "# Hello\n\nWorld", "repaired": False}
+    job = JobRow(seq=1, id="j1", status="done", created_at=0.0, started_at=0.0, finished_at=1.0, source="scan.png",
+                 sha256="0" * 64, kind="image", page_count=1, pages_total=1, file=None, file_bytes=0, error=None,
+                 options={"prompt_type": "prompt_layout_all_en", "temperature": 0.1, "top_p": 1.0,
+                          "max_new_tokens": 64, "dpi": DPI, "prompt": None, "seed": None})
+    pages = [PageRow(job_id="j1", page=1, status="done", attempts=1, error=None, done_reason="stop", result=answer,
+                     started_at=0.0, finished_at=1.0)]
+    with Image.open(image) as picture:
+        save_figures(tmp_path / "figures", 1, answer, picture.convert("RGB"))
+    data = document_zip_bytes(job, pages, job_document(job, pages), tmp_path / "figures")
+
+    (item,) = collect_inputs([str(image)])
+    assign_names([item])
+    out = tmp_path / "out"
+    written = write_result(read_result(data), item, out, prompt_type="prompt_layout_all_en", dpi=DPI,
+                           control=RunControl())
+    assert written.document_written and [(r.page, r.status, r.seconds) for r in written.records] == [(1, "ok", 2.0)]
+    folder = out / "scan"
+    assert sorted(p.name for p in (folder / "page_0001").iterdir()) == ["layout.json", "page.md", "page.png",
+                                                                         "response.json"]
+    response = json.loads((folder / "page_0001" / "response.json").read_text())
+    assert response["layout"] == cells == json.loads((folder / "page_0001" / "layout.json").read_text())
+    assert (response["prompt_type"], response["eval_count"], response["job"]) == ("prompt_layout_all_en", 40,
+                                                                                   {"job_id": "j1", "attempts": 1})
+    assert "page" not in response  # an image: no page fields, as /ocr gives them
+    assert (folder / "page_0001" / "page.md").read_text().startswith("# Hello")
+    with Image.open(folder / "page_0001" / "page.png") as png, Image.open(image) as original:
+        assert png.size == (224, 280) and png.convert("RGB").tobytes() != original.convert("RGB").tobytes()  # drawn
+    assert "![Picture](figures/page-1-fig-1.png)" in (folder / "document.md").read_text()
+    assert (folder / "figures" / "page-1-fig-1.png").is_file()
+
+    assert [len(page.cells) for page in read_client_folder(folder).pages] == [3]
+    assert assemble_main([str(folder), "--chunks"]) == 0  # what --jobs --chunks says to run
+    assert (folder / "chunks.jsonl").read_text().strip() and (folder / "figures" / "page-1-fig-1.png").is_file()
