@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 from dots_ocr_server.document.quality import RETRY_NOTE, RETRY_SCALE, answer_problem, keep_after_retry
 from dots_ocr_server.layout import scale_cells
@@ -213,24 +213,26 @@ def process_page(client: OCRClient, options: RequestOptions, task: PageTask, pro
     return record
 
 
-Outcome = Union[Optional[PageRecord], BaseException]
+Task = TypeVar("Task")
+Result = TypeVar("Result")
 
 
-def run_pages(tasks: list[PageTask], work: Callable[[PageTask], Optional[PageRecord]], concurrency: int,
-              control: RunControl) -> Iterator[tuple[PageTask, PageRecord]]:
-    """Run ``work`` on every task with ``concurrency`` pages in flight; yield ``(task, record)``
-    as pages finish. An exception from ``work`` (FatalError, or a bug) is raised here. Leaving
-    the loop early (exception, Ctrl-C, ``close()``) stops the run (``control.stop()``).
+def run_pages(tasks: list[Task], work: Callable[[Task], Optional[Result]], concurrency: int,
+              control: RunControl) -> Iterator[tuple[Task, Result]]:
+    """Run ``work`` on every task (a page; with ``--jobs``, a document) with ``concurrency`` in
+    flight; yield ``(task, result)`` as they finish (a None result, after a stop, is left out).
+    An exception from ``work`` (FatalError, or a bug) is raised here. Leaving the loop early
+    (exception, Ctrl-C, ``close()``) stops the run (``control.stop()``).
 
     Written with plain daemon threads rather than concurrent.futures: a ThreadPoolExecutor's
     threads are joined when the interpreter exits, so Ctrl-C would hang until every page in
     flight got its answer (up to --timeout each).
     """
-    todo: queue.SimpleQueue[PageTask] = queue.SimpleQueue()
+    todo: queue.SimpleQueue[Task] = queue.SimpleQueue()
     for task in tasks:
         todo.put(task)
     # queue.Queue, not SimpleQueue: its blocking get() can be interrupted by Ctrl-C.
-    done: queue.Queue[tuple[PageTask, Outcome]] = queue.Queue()
+    done: queue.Queue[tuple[Task, Union[Optional[Result], BaseException]]] = queue.Queue()
 
     def worker() -> None:
         while not control.stopped:
@@ -239,7 +241,7 @@ def run_pages(tasks: list[PageTask], work: Callable[[PageTask], Optional[PageRec
             except queue.Empty:
                 return
             try:
-                outcome: Outcome = work(task)
+                outcome: Union[Optional[Result], BaseException] = work(task)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 control.request_stop()
                 outcome = exc

@@ -7,13 +7,19 @@ Results land in ``OUT/<input name>/page_NNNN/`` (see :mod:`ocr_client.outputs`);
 type, each input whose pages are all done also gets its document in ``OUT/<input name>/``
 (``document.md``, ``document.json``, ``figures/``; see :mod:`.documents`).
 
+With ``--jobs``, every input is uploaded whole as one document job (``POST /jobs``),
+``--concurrency`` jobs followed at a time, and its result downloaded into the same folders
+(see :mod:`.jobs`); a stopped run re-attaches to its jobs when it is run again.
+
 The run ends with a summary (also ``OUT/summary.json``). Exit codes: 0 all pages done,
-1 some page failed, 2 the run could not go on (server unreachable, API key refused, bad
-arguments, nothing to do), 130 interrupted.
+1 some page failed (with ``--jobs`` also: the server refused a document), 2 the run could not go
+on (server unreachable, API key refused, bad arguments, nothing to do, ``--jobs`` against a server
+without jobs), 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import functools
 import math
@@ -24,13 +30,21 @@ from pathlib import Path
 from typing import Optional
 
 from image_utils.policy import DEFAULT_PDF_DPI, MAX_PDF_DPI, MIN_PDF_DPI
-from model_runner.prompts import GROUNDING_PROMPT_TYPE, LAYOUT_PROMPT_TYPES, PROMPT_TYPES, QUESTION_PROMPT_TYPES
+from model_runner.prompts import (
+    GROUNDING_PROMPT_TYPE,
+    LAYOUT_PROMPT_TYPES,
+    PROMPT_TYPES,
+    QUESTION_PROMPT_TYPES,
+    SCENE_SPOTTING_PROMPT_TYPE,
+    SVG_PROMPT_TYPE,
+)
 
 from .batch import PageTask, Progress, RequestOptions, RunControl, process_page, run_pages
 from .documents import InputDocuments
 from .errors import FatalError
 from .http_client import API_KEY_ENV, OCRClient
 from .inputs import InputFile, assign_names, collect_inputs, label
+from .jobs import JobOptions, run_jobs
 from .outputs import PageRecord, build_summary, is_done, page_dir, print_summary, write_summary
 
 __all__ = ["main", "build_parser", "batch_prompt_types"]
@@ -41,6 +55,16 @@ MIN_DPI, MAX_DPI = MIN_PDF_DPI, MAX_PDF_DPI
 MAX_CONCURRENCY = 256
 
 EXIT_OK, EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: What the document jobs cannot carry: their result has no log-probabilities, and no scene-text
+#: quadrilaterals or SVG document (only the answer text and layout cells).
+JOBS_REFUSED_PROMPT_TYPES = (SCENE_SPOTTING_PROMPT_TYPE, SVG_PROMPT_TYPE)
+JOBS_UNUSED_FLAGS = ("stream", "skip_headers_footers", "no_rescaled_retry", "chunks")
+JOBS_UNUSED_HINTS = {
+    "skip_headers_footers": " (page.md is the page of the document: headers and footers are left out unless "
+                            "--keep-headers)",
+    "no_rescaled_retry": " (the server retries a page as its --job-page-retries says)",
+    "chunks": " (the job's result has no chunks; dots-ocr-assemble OUT/<input> --chunks makes them afterwards)",
+}
 
 
 def batch_prompt_types() -> tuple[str, ...]:
@@ -120,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not ask again, at 0.95 of the image size, for a page whose answer looped (repetition guard) "
              "or held no layout JSON (layout prompt types)")
     add("--no-progress", action="store_true", help="no progress bar")
+    jobs = parser.add_argument_group("document jobs")
+    jobs.add_argument("--jobs", action="store_true",
+                      help="upload each input whole as one document job on the server (POST /jobs), follow it, and "
+                           "download its result into the same folders; a stopped run re-attaches to its jobs")
+    jobs.add_argument("--pages", metavar="SPEC", default=None,
+                      help="with --jobs: only these pages of each input, e.g. 1-3,7 (default: every page)")
     return parser
 
 
@@ -150,44 +180,53 @@ def _options(args: argparse.Namespace) -> RequestOptions:
                           rescaled_retry=not args.no_rescaled_retry)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """The command line; returns the exit code (see the module docstring)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The combinations argparse cannot check (parser.error exits with 2)."""
     if args.prompt_type in QUESTION_PROMPT_TYPES and not (args.prompt or "").strip():
         parser.error(f"--prompt QUESTION is required with --prompt-type {args.prompt_type}")
     if args.prompt is not None and args.prompt_type not in QUESTION_PROMPT_TYPES:
         parser.error(f"--prompt is only used with --prompt-type {', '.join(QUESTION_PROMPT_TYPES)}")
+    if args.pages is not None and not args.jobs:
+        parser.error("--pages is only used with --jobs")
+    if args.jobs and args.prompt_type in JOBS_REFUSED_PROMPT_TYPES:
+        parser.error(f"--jobs cannot run --prompt-type {args.prompt_type}: a job's result carries the answer text "
+                     "and layout cells, not its post-processed output; run it without --jobs")
+    if args.jobs and (args.logprobs or args.top_logprobs):
+        parser.error("--logprobs and --top-logprobs are not available with --jobs (a job's result has no "
+                     "log-probabilities); run without --jobs")
 
+
+def _warn_unused(args: argparse.Namespace, say) -> None:
+    for flag in ("skip_headers_footers", "keep_headers", "chunks", "no_rescaled_retry", "stream"):
+        if not getattr(args, flag):
+            continue
+        option = "--" + flag.replace("_", "-")
+        if args.jobs and flag in JOBS_UNUSED_FLAGS:
+            say(f"warning: {option} has no effect with --jobs{JOBS_UNUSED_HINTS.get(flag, '')}")
+        elif flag != "stream" and args.prompt_type not in LAYOUT_PROMPT_TYPES:
+            say(f"warning: {option} has no effect with {args.prompt_type}")
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """What a run (pages or jobs) leaves for the summary and the exit code."""
+
+    records: list[PageRecord]          # the pages (or inputs) that finished, in input order
+    documents: Optional[dict]          # {"written", "failed"}, or None where no document is made
+    concurrency: Optional[int]
+    fatal: Optional[str] = None
+    interrupted: bool = False
+    jobs: Optional[list[dict]] = None  # --jobs: {"input", "job_id", "status", "reattached"} per input
+
+
+def _run_pages(args: argparse.Namespace, client: OCRClient, items: list[InputFile], out: Path, say) -> RunOutcome:
+    """The run without --jobs: one /ocr request per page."""
     from tqdm import tqdm
 
-    def say(message: str) -> None:
-        tqdm.write(message, file=sys.stderr)
-
-    for flag in ("skip_headers_footers", "keep_headers", "chunks", "no_rescaled_retry"):
-        if getattr(args, flag) and args.prompt_type not in LAYOUT_PROMPT_TYPES:
-            say(f"warning: --{flag.replace('_', '-')} has no effect with {args.prompt_type}")
-    items = collect_inputs(args.inputs, warn=say)
-    assign_names(items)
-    if not items:
-        say("error: no images or PDFs to process")
-        return EXIT_FATAL
-    for item in items:
-        if item.kind == "invalid":
-            say(f"FAILED {item.error}")
-    out = Path(args.out).expanduser()
     records, tasks = _plan(items, out, args.force)
     documents = InputDocuments(items, [task.item for task in tasks], out, prompt_type=args.prompt_type,
                                dpi=args.dpi, keep_headers=args.keep_headers, chunks=args.chunks, say=say)
-
-    client = OCRClient(args.server, api_key=args.api_key, timeout=args.timeout,
-                       max_retries=args.max_retries, retry_wait=args.retry_wait,
-                       max_retry_wait=args.max_retry_wait, notify=say)
-    started = time.monotonic()
-    started_at = _dt.datetime.now().isoformat(timespec="seconds")
-    concurrency: Optional[int] = None
-    fatal: Optional[str] = None
-    interrupted = False
+    outcome = RunOutcome(records=[], documents=None, concurrency=None)
     bar = tqdm(total=len(records), unit="page", disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
     progress = Progress(bar)
     progress.advance(len(records) - len(tasks))
@@ -197,9 +236,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             # /health before any page starts (so --force deletes nothing while the server is
             # down) and before any page's clock starts (waiting for the model is not page time).
             server_batch = client.max_batch_size()
-            concurrency = args.concurrency or server_batch
+            outcome.concurrency = args.concurrency or server_batch
             work = functools.partial(process_page, client, _options(args), progress=progress, control=control)
-            for task, record in run_pages(tasks, work, concurrency, control):
+            for task, record in run_pages(tasks, work, outcome.concurrency, control):
                 records[task.index] = record
                 if record.status == "failed":
                     say(f"FAILED {task.item.label} page {task.page}: {record.error}")
@@ -207,23 +246,73 @@ def main(argv: Optional[list[str]] = None) -> int:
                 documents.page_done(task.item, record)
         documents.finish()
     except FatalError as exc:
-        fatal = str(exc)
+        outcome.fatal = str(exc)
     except KeyboardInterrupt:
-        interrupted = True
+        outcome.interrupted = True
     finally:
         control.stop()
         bar.close()
-        client.close()
+    outcome.records = [record for record in records if record is not None]
+    outcome.documents = documents.summary()
+    return outcome
 
-    finished = [record for record in records if record is not None]
+
+def _run_jobs(args: argparse.Namespace, client: OCRClient, items: list[InputFile], out: Path, say) -> RunOutcome:
+    """The run with --jobs: one document job per input (see :mod:`.jobs`)."""
+    options = JobOptions(prompt_type=args.prompt_type, dpi=args.dpi, temperature=args.temperature,
+                         top_p=args.top_p, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
+                         pages=args.pages, keep_headers=args.keep_headers)
+    run = run_jobs(client, items, out, options, concurrency=args.concurrency, force=args.force,
+                   progress=not args.no_progress, say=say)
+    return RunOutcome(records=run.records, documents=run.documents(), concurrency=run.concurrency,
+                      fatal=run.fatal, interrupted=run.interrupted, jobs=run.jobs)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The command line; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+
+    from tqdm import tqdm
+
+    def say(message: str) -> None:
+        tqdm.write(message, file=sys.stderr)
+
+    _warn_unused(args, say)
+    items = collect_inputs(args.inputs, warn=say)
+    assign_names(items)
+    if not items:
+        say("error: no images or PDFs to process")
+        return EXIT_FATAL
+    for item in items:
+        if item.kind == "invalid":
+            say(f"FAILED {item.error}")
+    out = Path(args.out).expanduser()
+    client = OCRClient(args.server, api_key=args.api_key, timeout=args.timeout,
+                       max_retries=args.max_retries, retry_wait=args.retry_wait,
+                       max_retry_wait=args.max_retry_wait, notify=say)
+    started = time.monotonic()
+    started_at = _dt.datetime.now().isoformat(timespec="seconds")
+    try:
+        outcome = (_run_jobs if args.jobs else _run_pages)(args, client, items, out, say)
+    finally:
+        client.close()
+    return _finish(outcome, client, args.prompt_type, out, started, started_at)
+
+
+def _finish(outcome: RunOutcome, client: OCRClient, prompt_type: str, out: Path, started: float,
+            started_at: str) -> int:
+    """The summary (printed and in OUT/summary.json) and the exit code."""
+    finished, fatal = outcome.records, outcome.fatal
     if fatal and not any(r.status != "skipped" and r.page is not None for r in finished):
         # Not one request got through: leave OUT as it was.
         print(f"error: {fatal}", file=sys.stderr)
         return EXIT_FATAL
-    summary = build_summary(finished, server=client.server, prompt_type=args.prompt_type, out=out,
-                            concurrency=concurrency, started=started, started_at=started_at,
-                            retries=client.retries, fatal=fatal or ("interrupted" if interrupted else None),
-                            documents=documents.summary())
+    summary = build_summary(finished, server=client.server, prompt_type=prompt_type, out=out,
+                            concurrency=outcome.concurrency, started=started, started_at=started_at,
+                            retries=client.retries, fatal=fatal or ("interrupted" if outcome.interrupted else None),
+                            documents=outcome.documents, jobs=outcome.jobs)
     try:
         write_summary(out, summary)
     except OSError as exc:
@@ -232,10 +321,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if fatal:
         print(f"error: {fatal}", file=sys.stderr)
         return EXIT_FATAL
-    if interrupted:
+    if outcome.interrupted:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return EXIT_FAILED if summary["failed"] or documents.failed else EXIT_OK
+    documents_failed = bool(outcome.documents and outcome.documents["failed"])
+    return EXIT_FAILED if summary["failed"] or documents_failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """HTTP: the client of ``/health`` and ``/ocr``: retries of 429 (backoff that honours the server's
 Retry-After), clear errors for the rest, streamed answers joined into the plain answer's shape.
+The document jobs' routes (``/jobs``) are called through :meth:`OCRClient.post` and
+:meth:`OCRClient.get` by :mod:`.jobs_api`.
 
 One :class:`OCRClient` is shared by the worker threads: each thread gets its own
 ``requests.Session`` (a session's connection pool is not meant to be shared between threads).
@@ -14,7 +16,8 @@ from typing import Any, Callable, Optional
 
 from .errors import FatalError, PageError
 
-__all__ = ["API_KEY_ENV", "START_HINT", "OCRClient", "backoff_delay", "normalize_server", "parse_retry_after"]
+__all__ = ["API_KEY_ENV", "START_HINT", "OCRClient", "backoff_delay", "error_message", "normalize_server",
+           "parse_retry_after"]
 
 API_KEY_ENV = "DOTS_OCR_API_KEY"
 START_HINT = "python server.py --model-path ./weights/DotsOCR   (or, without weights: python server.py --demo)"
@@ -47,7 +50,8 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _error_message(response) -> str:
+def error_message(response) -> str:
+    """The server's error message in ``response`` (its JSON ``error``, else the start of its text)."""
     try:
         body = response.json()
         if isinstance(body, dict) and body.get("error"):
@@ -198,21 +202,30 @@ class OCRClient:
         finally:
             response.close()
 
-    def get(self, path: str):
-        """GET ``path`` (e.g. ``/metrics``); the response, whatever its status (the caller closes it)."""
-        return self._request("GET", path)
+    def get(self, path: str, *, params: Optional[dict[str, Any]] = None, stream: bool = False):
+        """GET ``path`` (e.g. ``/metrics``) with the query ``params``; the response, whatever its
+        status (the caller closes it)."""
+        return self._request("GET", path, params=params, stream=stream)
 
-    def post(self, path: str, payload: dict[str, Any], *, stream: bool = False):
-        """POST ``payload`` as JSON to ``path`` with the 429 retries and errors of :meth:`ocr`;
-        the 200 response (the caller reads and closes it). PageError carries the HTTP status."""
+    def key_refused(self, message: str) -> FatalError:
+        """The error for a 401: the server refused the API key (or wanted one)."""
+        return FatalError(f"the server refused the request (HTTP 401: {message}); "
+                          f"pass its key with --api-key or the {API_KEY_ENV} environment variable")
+
+    def post(self, path: str, payload: dict[str, Any], *, stream: bool = False,
+             files: Optional[dict[str, Any]] = None):
+        """POST ``payload`` as JSON to ``path`` (with ``files``: a multipart upload, ``payload``
+        its form fields) with the 429 retries and errors of :meth:`ocr`; the 2xx response (the
+        caller reads and closes it). PageError carries the HTTP status."""
         self.ensure_ready()
+        body = {"json": payload} if files is None else {"data": payload, "files": files}
         attempt = 0
         while True:
-            response = self._request("POST", path, json=payload, stream=stream)
+            response = self._request("POST", path, stream=stream, **body)
             status = response.status_code
-            if status == 200:
+            if 200 <= status < 300:
                 return response
-            message = _error_message(response)
+            message = error_message(response)
             response.close()
             if status == 429:
                 if attempt >= self.max_retries:
@@ -225,8 +238,7 @@ class OCRClient:
                     self._retries += 1
                 continue
             if status == 401:
-                raise FatalError(f"the server refused the request (HTTP 401: {message}); "
-                                 f"pass its key with --api-key or the {API_KEY_ENV} environment variable")
+                raise self.key_refused(message)
             if status == 400 and message.startswith("Unknown field"):
                 raise FatalError(f"the server does not accept this client's requests (HTTP 400: {message}); "
                                  "is it an older dots-ocr-server? Update it.")

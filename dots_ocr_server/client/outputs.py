@@ -126,10 +126,13 @@ class PageRecord:
 
 def build_summary(records: list[PageRecord], *, server: str, prompt_type: str, out: Path, concurrency: Optional[int],
                   started: float, started_at: str, retries: int, fatal: Optional[str],
-                  documents: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                  documents: Optional[dict[str, Any]] = None,
+                  jobs: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
     """The run's summary; ``started`` is a ``time.monotonic()`` reading, ``fatal`` why it stopped
     early (None when it ran to the end), ``documents`` what became of the inputs' documents
-    (``{"written", "failed": [{"input", "error"}]}``, layout prompt types only)."""
+    (``{"written", "failed": [{"input", "error"}]}``, layout prompt types only, every prompt type
+    with ``--jobs``), ``jobs`` (``--jobs``) the job of each input that ran:
+    ``{"input", "job_id", "status", "reattached"}``."""
     ok = [r for r in records if r.status == "ok"]
     work = sum(r.seconds or 0.0 for r in ok)
     elapsed = time.monotonic() - started
@@ -155,6 +158,8 @@ def build_summary(records: list[PageRecord], *, server: str, prompt_type: str, o
     }
     if documents is not None:
         summary["documents"] = documents
+    if jobs is not None:
+        summary["jobs"] = jobs
     if fatal:
         summary["error"] = fatal
     return summary
@@ -185,4 +190,8 @@ def print_summary(summary: dict[str, Any], out: Path, stream) -> None:
         print(f"documents: {documents['written']} written (document.md, document.json, figures/){failed}", file=stream)
         for failure in documents["failed"]:
             print(f"  FAILED document of {failure['input']}: {failure['error']}", file=stream)
+    jobs = summary.get("jobs")
+    if jobs is not None:
+        reattached = sum(bool(job["reattached"]) for job in jobs)
+        print(f"jobs: {len(jobs) - reattached} submitted, {reattached} re-attached", file=stream)
     print(f"results in {out} (summary: {out / SUMMARY_NAME})", file=stream)
