@@ -219,6 +219,42 @@ def test_layout_hover_markdown_and_downloads(page, server):
     assert page.errors == []
 
 
+CELL_ANSWER = [{"bbox": [20, 20, 400, 80], "category": "Title", "text": "A title"},
+               {"bbox": [20, 120, 560, 420], "category": "Text", "text": "Some text, \"quoted\" {in braces}"}]
+
+
+def test_a_cell_click_asks_the_server_for_that_cell(page, server):
+    """Clicking a layout box sends /inspect the answer and the cell's index (`cell`); the server
+    finds the characters that wrote it (the page computes no span of its own). The layout answer is
+    replayed as above (on the small sample, 583 x 550); /inspect is the real one, teacher-forcing it."""
+    from dots_ocr_server.layout import cell_spans, parse_layout
+
+    raw = json.dumps(CELL_ANSWER)
+    lines = [{"model": "dots-ocr", "response": raw, "done": False},
+             {"model": "dots-ocr", "response": "", "done": True, "layout": CELL_ANSWER, "markdown": "x",
+              "repaired": False}]
+    page.route("**/ocr", lambda route: route.fulfill(
+        status=200, content_type="application/x-ndjson", body="".join(json.dumps(line) + "\n" for line in lines)))
+    _open(page, "demo_image2.png")
+    _run(page, "prompt_layout_all_en", 100)
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
+    page.fill("#inspect-layers", "-1")  # the last layer (keeps the test short)
+    box = page.locator('#boxes .box[data-index="1"]').bounding_box()
+    with page.expect_response("**/inspect") as answered:
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    sent = answered.value.request.post_data_json
+    assert sent["cell"] == 1 and "char_span" not in sent and "span" not in sent
+    assert sent["text"] == raw and sent["prompt_type"] == "prompt_layout_all_en"
+    assert answered.value.status == 200, answered.value.text()
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Attention for cell #1')")
+    assert page.is_visible("#heatmap") and page.is_visible('#boxes .box.selected[data-index="1"]')
+    # the tokens traced are those that wrote cell 1's text (the server's own rule), inside its object
+    text_start, text_end = cell_spans(parse_layout(raw).cells, raw)[1]
+    traced = answered.value.json()["char_span"]
+    assert raw.index('{"bbox": [20, 120') < traced[0] <= text_start and text_end <= traced[1] < len(raw)
+    assert page.errors == []
+
+
 SPOTS = [{"quad": [[100, 100], [600, 120], [590, 260], [90, 240]], "text": "SALE <b>50%</b>"},
          {"quad": [[800, 1000], [1500, 1000], [1500, 1200], [800, 1200]], "text": ""}]
 # onload and <script> must not run: an SVG drawn through <img> is inert

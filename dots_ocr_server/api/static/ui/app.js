@@ -459,45 +459,6 @@ function parseIndexList(text, name) {
   return out;
 }
 
-/** [start, end) character spans of the top-level {...} objects in a JSON-ish answer. */
-export function objectSpans(text) {
-  const spans = [];
-  let depth = 0;
-  let start = -1;
-  let inString = false;
-  for (let i = 0; i < text.length; i += 1) {
-    const ch = text[i];
-    if (inString) {
-      if (ch === "\\") i += 1;
-      else if (ch === '"') inString = false;
-    } else if (ch === '"') {
-      inString = true;
-    } else if (ch === "{") {
-      if (depth === 0) start = i;
-      depth += 1;
-    } else if (ch === "}" && depth > 0) {
-      depth -= 1;
-      if (depth === 0) spans.push([start, i + 1]);
-    }
-  }
-  return spans;
-}
-
-function cellSpan(index) {
-  const { text, result } = state.run;
-  const layout = result.layout || [];
-  const spans = objectSpans(text);
-  if (spans.length === layout.length) return spans[index];
-  // the answer was repaired (cells dropped or merged): find the cell's own text instead
-  const cellText = layout[index] && layout[index].text;
-  if (typeof cellText === "string" && cellText) {
-    const escaped = JSON.stringify(cellText).slice(1, -1);
-    const at = text.indexOf(escaped);
-    if (at >= 0) return [at, at + escaped.length];
-  }
-  throw new Error(`Cannot find cell #${index} in the answer's text (the answer was repaired).`);
-}
-
 /** A [start, end) span in UTF-16 units (JS string indices) -> code points (the server's indices). */
 export function toCodePoints(text, [start, end]) {
   const count = (s) => Array.from(s).length;
@@ -534,7 +495,11 @@ function selectedAnswerSpan() {
   return [start, start + range.toString().length];
 }
 
-async function inspect(charSpan, label) {
+/**
+ * Where the model looked while writing part of the answer: `target` is `{ cell: i }` (layout cell
+ * i: the server finds the characters that wrote it) or `{ char_span: [s, e) }` (code points).
+ */
+async function inspect(target, label) {
   if (!state.run) return;
   if (state.controller) {
     showError("A request is running: wait for it or stop it first.");
@@ -544,10 +509,7 @@ async function inspect(charSpan, label) {
   let body;
   try {
     const run = state.run.body;
-    body = {
-      image: run.image, image_format: "base64", prompt_type: run.prompt_type,
-      text: state.run.text, char_span: toCodePoints(state.run.text, charSpan),
-    };
+    body = { image: run.image, image_format: "base64", prompt_type: run.prompt_type, text: state.run.text, ...target };
     if (run.page !== undefined) body.page = run.page;
     if (run.prompt !== undefined) body.prompt = run.prompt;
     const layers = parseIndexList($("inspect-layers").value, "Layers");
@@ -599,11 +561,7 @@ function describeInspection(result, label) {
 viewer.onCell = (index) => {
   if (!state.run) return;
   viewer.selectCell(index);
-  try {
-    inspect(cellSpan(index), `cell #${index}`);
-  } catch (error) {
-    showError(error);
-  }
+  inspect({ cell: index }, `cell #${index}`);
 };
 
 $("inspect-selection").addEventListener("click", () => {
@@ -612,7 +570,7 @@ $("inspect-selection").addEventListener("click", () => {
     showError("Select some of the answer's text first (in the Answer tab).");
     return;
   }
-  inspect(span, `"${state.run.text.slice(span[0], Math.min(span[1], span[0] + 40))}"`);
+  inspect({ char_span: toCodePoints(state.run.text, span) }, `"${state.run.text.slice(span[0], Math.min(span[1], span[0] + 40))}"`);
 });
 $("clear-heatmap").addEventListener("click", () => viewer.clearHeatmap());
 $("heat-opacity").addEventListener("input", (event) => { $("heatmap").style.opacity = event.target.value; });
