@@ -12,7 +12,7 @@ from PIL import Image
 
 STATIC = Path(__file__).resolve().parents[1] / "dots_ocr_server" / "api" / "static" / "ui"
 ASSETS = {"index.html": "text/html", "app.js": "javascript", "api.js": "javascript", "viewer.js": "javascript",
-          "markdown.js": "javascript", "style.css": "text/css"}
+          "markdown.js": "javascript", "documents.js": "javascript", "files.js": "javascript", "style.css": "text/css"}
 
 
 @pytest.fixture()

@@ -1,44 +1,15 @@
-"""GET /ui in a real browser: headless Chromium (the Debian package, or DOTS_OCR_CHROMIUM) driven by
-Playwright, against a real server process on the tiny checkpoint, behind an API key.
-
-Screenshots go to ``test-artifacts/ui/`` (or ``$DOTS_OCR_UI_ARTIFACTS``). Chromium is part of the
-test setup (``scripts/install.sh`` installs Debian's package when it runs as root, as in CI);
-without it these tests fail with a message that says how to install it, never skip.
-"""
+"""GET /ui in a real browser: headless Chromium driven by Playwright (ui_browser_support), against
+a real server process on the tiny checkpoint, behind an API key."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 import requests
 
-from serverproc import ROOT, running_server, wait_for
-
-KEY = "browser-test-key"
-ARTIFACTS = Path(os.environ.get("DOTS_OCR_UI_ARTIFACTS", ROOT / "test-artifacts" / "ui"))
-TIMEOUT_MS = 120_000  # one answer of the tiny model on a full page, on a busy 2-core machine
-
-
-def chromium_executable() -> str | None:
-    for candidate in (os.environ.get("DOTS_OCR_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if candidate and shutil.which(candidate):
-            return shutil.which(candidate)
-    return None
-
-
-def _require_browser() -> str:
-    executable = chromium_executable()
-    try:
-        import playwright.sync_api  # noqa: F401 - only whether it imports matters
-    except ImportError:
-        executable = None
-    if executable is None:
-        pytest.fail("the /ui browser tests need Chromium and playwright: `sudo apt-get install chromium` "
-                    "(or set DOTS_OCR_CHROMIUM to a Chrome/Chromium binary) and `pip install -e '.[test]'`")
-    return executable
+from serverproc import ROOT, running_server
+from ui_browser_support import ARTIFACTS, KEY, launched_browser, ui_page, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -51,43 +22,14 @@ def server(tiny_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    executable = _require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, headless=True)
+    with launched_browser() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture()
 def page(browser, server, request):
-    """/ui with the key entered once in its dialog; console errors collected; a screenshot at the end."""
-    # Playwright's wait_for_function evaluates strings, which the page's CSP forbids (no
-    # 'unsafe-eval'); test_wrong_key_is_a_readable_error runs with the CSP on.
-    context = browser.new_context(viewport={"width": 1400, "height": 1000}, bypass_csp=True)
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    # Chromium logs every 4xx response ("Failed to load resource"); the 401 before the key is expected
-    page.on("console", lambda msg: errors.append(msg.text)
-            if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
-    page.goto(server + "/ui")
-    page.wait_for_selector("#key-dialog[open]")
-    page.fill("#key-input", KEY)
-    page.click("#key-save")
-    page.wait_for_function("document.querySelector('#prompt-type').options.length > 3")  # /ui/config answered
-    page.errors = errors
-    yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
-    context.close()
-
-
-def _wait_idle(server: str) -> None:
-    wait_for(lambda: not requests.get(server + "/health", timeout=5).json()["running"], 60,
-             what="every generation slot free", interval_s=0.2)
+    with ui_page(browser, server, request.node.name) as page:
+        yield page
 
 
 def _open(page, name: str) -> None:
@@ -208,7 +150,7 @@ def test_stop_cancels_and_frees_the_server(page, server):
     assert requests.get(server + "/health", timeout=5).json()["running"] == 1
     page.click("#stop")
     page.wait_for_function("document.querySelector('#status').textContent.startsWith('Stopped')")
-    _wait_idle(server)
+    wait_idle(server)
     assert page.errors == []
 
 
@@ -274,6 +216,42 @@ def test_layout_hover_markdown_and_downloads(page, server):
     with page.expect_download() as download:
         page.click("#download-md")
     assert Path(download.value.path()).read_text() == markdown
+    assert page.errors == []
+
+
+CELL_ANSWER = [{"bbox": [20, 20, 400, 80], "category": "Title", "text": "A title"},
+               {"bbox": [20, 120, 560, 420], "category": "Text", "text": "Some text, \"quoted\" {in braces}"}]
+
+
+def test_a_cell_click_asks_the_server_for_that_cell(page, server):
+    """Clicking a layout box sends /inspect the answer and the cell's index (`cell`); the server
+    finds the characters that wrote it (the page computes no span of its own). The layout answer is
+    replayed as above (on the small sample, 583 x 550); /inspect is the real one, teacher-forcing it."""
+    from dots_ocr_server.layout import cell_spans, parse_layout
+
+    raw = json.dumps(CELL_ANSWER)
+    lines = [{"model": "dots-ocr", "response": raw, "done": False},
+             {"model": "dots-ocr", "response": "", "done": True, "layout": CELL_ANSWER, "markdown": "x",
+              "repaired": False}]
+    page.route("**/ocr", lambda route: route.fulfill(
+        status=200, content_type="application/x-ndjson", body="".join(json.dumps(line) + "\n" for line in lines)))
+    _open(page, "demo_image2.png")
+    _run(page, "prompt_layout_all_en", 100)
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Done')")
+    page.fill("#inspect-layers", "-1")  # the last layer (keeps the test short)
+    box = page.locator('#boxes .box[data-index="1"]').bounding_box()
+    with page.expect_response("**/inspect") as answered:
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    sent = answered.value.request.post_data_json
+    assert sent["cell"] == 1 and "char_span" not in sent and "span" not in sent
+    assert sent["text"] == raw and sent["prompt_type"] == "prompt_layout_all_en"
+    assert answered.value.status == 200, answered.value.text()
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('Attention for cell #1')")
+    assert page.is_visible("#heatmap") and page.is_visible('#boxes .box.selected[data-index="1"]')
+    # the tokens traced are those that wrote cell 1's text (the server's own rule), inside its object
+    text_start, text_end = cell_spans(parse_layout(raw).cells, raw)[1]
+    traced = answered.value.json()["char_span"]
+    assert raw.index('{"bbox": [20, 120') < traced[0] <= text_start and text_end <= traced[1] < len(raw)
     assert page.errors == []
 
 

@@ -1,7 +1,10 @@
 // GET /ui: pick a page, run it with the answer streaming in, look at the layout, read a region,
-// and see where the model looked. Plain ES modules, no build step, no third-party code.
+// and see where the model looked; or (the Documents view, documents.js) send a whole document as
+// a job and open its pages here. Plain ES modules, no build step, no third-party code.
 
 import { ApiError, apiKey, getJson, postJson, postStream } from "./api.js";
+import { initDocuments } from "./documents.js";
+import { kindOf, notAPageMessage, readAsBase64 } from "./files.js";
 import { renderMarkdown } from "./markdown.js";
 import { PageViewer } from "./viewer.js";
 
@@ -17,20 +20,28 @@ const PROMPT_LABELS = {
 };
 const HIDDEN_PROMPT_TYPES = new Set(["prompt_grounding_ocr"]); // run by dragging a rectangle
 const QUESTION_TYPE = "prompt_general";
+// The types whose job pages hold the answer's own layout cells (model_runner.prompts.LAYOUT_PROMPT_TYPES);
+// a page of another type is one text block covering the page, not a cell of the answer.
+const LAYOUT_PROMPT_TYPES = new Set(["prompt_layout_all_en", "prompt_layout_only_en", "prompt_web_parsing"]);
 
 const state = {
   config: null,
-  file: null, // { name, base64, kind: "pdf" | "image" }
+  file: null, // { name, base64, kind: "pdf" | "image", dpi: a PDF's rendering dpi, null: the server's }
+  job: null, // the document job whose page is shown (see showJobPage), or null
   page: 1,
   pageCount: null,
   controller: null, // AbortController of the running request
-  run: null, // { body, text, result }: the last full-page answer
+  run: null, // { body, text, result, cells: whether the layout is the answer's cells }: the page's answer
   downloads: [],
 };
 
 const viewer = new PageViewer({
   stage: $("stage"), image: $("page-image"), boxes: $("boxes"), heatmap: $("heatmap"),
   selection: $("selection"), tooltip: $("tooltip"),
+});
+
+const documents = initDocuments({
+  showError, clearError, promptLabel, openPage: (job, page) => showJobPage(job, page).catch(showError),
 });
 
 // -- messages ---------------------------------------------------------------------------------
@@ -67,6 +78,7 @@ $("key-dialog").addEventListener("close", () => {
     apiKey.set(value);
     clearError();
     if (!state.config) loadConfig().catch(showError); // the first authenticated call, retried with the key
+    documents.refresh();
   }
 });
 $("change-key").addEventListener("click", () => askForKey());
@@ -89,12 +101,18 @@ async function loadConfig() {
     if (HIDDEN_PROMPT_TYPES.has(name)) continue;
     const option = document.createElement("option");
     option.value = name;
-    option.textContent = PROMPT_LABELS[name] ? `${PROMPT_LABELS[name]} (${name})` : name;
+    option.textContent = promptLabel(name);
     select.appendChild(option);
   }
   if (config.prompt_types.includes(chosen)) select.value = chosen;
   promptTypeChanged();
+  documents.setConfig(config);
+  if (currentView === "documents") documents.show();
   $("run").disabled = !state.file || Boolean(state.controller);
+}
+
+function promptLabel(name) {
+  return PROMPT_LABELS[name] ? `${PROMPT_LABELS[name]} (${name})` : name;
 }
 
 /** The temperature follows the prompt type's default; the question box is for prompt_general. */
@@ -134,35 +152,20 @@ async function watchHealth() {
 
 // -- choosing a page --------------------------------------------------------------------------
 
-function readAsBase64(file) {
-  return new Promise((resolve, reject) => {
-    const reader = new FileReader();
-    reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
-    reader.onerror = () => reject(new Error(`Could not read ${file.name}: ${reader.error}`));
-    reader.readAsDataURL(file);
-  });
-}
-
-function kindOf(file) {
-  if (file.type === "application/pdf" || /\.pdf$/i.test(file.name)) return "pdf";
-  if (file.type.startsWith("image/") || /\.(png|jpe?g|webp|bmp|tiff?|gif)$/i.test(file.name)) return "image";
-  return null;
-}
-
 async function chooseFile(file) {
   if (!file) return;
   clearError();
   const kind = kindOf(file);
   if (!kind) {
-    showError(`Not an image or a PDF: "${file.name}" (${file.type || "unknown type"}). ` +
-              "Pick a PNG, JPEG, WebP, BMP, TIFF or GIF image, or a PDF.");
+    showError(notAPageMessage(file));
     return;
   }
   if (state.controller) {
     showError("A request is running: stop it before choosing another page.");
     return;
   }
-  state.file = { name: file.name, base64: await readAsBase64(file), kind };
+  state.file = { name: file.name, base64: await readAsBase64(file), kind, dpi: null };
+  state.job = null;
   state.page = 1;
   state.pageCount = null;
   $("file-name").textContent = file.name;
@@ -170,15 +173,24 @@ async function chooseFile(file) {
   await showPage();
 }
 
-/** Ask the server for the page exactly as it will read it (a PDF page rendered, an image decoded). */
+/** The page fields of every request about the shown page (/ui/render, /ocr, /inspect). */
+function pageFields() {
+  const body = { image: state.file.base64, image_format: "base64" };
+  if (state.file.kind === "pdf") {
+    body.page = state.page;
+    if (state.file.dpi) body.dpi = state.file.dpi;
+  }
+  return body;
+}
+
+/** Ask the server for the page exactly as it will read it (a PDF page rendered, an image decoded).
+ *  Resolves with the page's size, or null when it could not be shown (the error is on the page). */
 async function showPage() {
   resetResults();
   $("run").disabled = true;
   setStatus(state.file.kind === "pdf" ? `Rendering page ${state.page}…` : "Loading the image…");
   try {
-    const body = { image: state.file.base64, image_format: "base64" };
-    if (state.file.kind === "pdf") body.page = state.page;
-    const page = await postJson("/ui/render", body);
+    const page = await postJson("/ui/render", pageFields());
     state.pageCount = page.page_count;
     $("page-number").value = String(state.page);
     $("page-number").max = String(page.page_count ?? 1);
@@ -186,9 +198,11 @@ async function showPage() {
     await viewer.show(page.image, page.width, page.height);
     setStatus(`${page.width} × ${page.height} px${state.file.kind === "pdf" ? `, page ${page.page} of ${page.page_count}` : ""}. Ready.`);
     $("run").disabled = false;
+    return { width: page.width, height: page.height };
   } catch (error) {
     setStatus("Could not load this page.");
     showError(error);
+    return null;
   }
 }
 
@@ -205,6 +219,10 @@ async function goToPage(page) {
     return;
   }
   clearError();
+  if (state.job) {
+    await showJobPage(state.job, page);
+    return;
+  }
   state.page = page;
   await showPage();
 }
@@ -234,12 +252,11 @@ function numberField(id, name, { integer = false, min = 0 } = {}) {
 
 function requestBody(promptType, extra = {}) {
   const body = {
-    image: state.file.base64, image_format: "base64", prompt_type: promptType,
+    ...pageFields(), prompt_type: promptType,
     temperature: numberField("temperature", "Temperature"),
     max_new_tokens: numberField("max-tokens", "Max new tokens", { integer: true, min: 1 }),
     stream: true, ...extra,
   };
-  if (state.file.kind === "pdf") body.page = state.page;
   if (promptType === QUESTION_TYPE) {
     const question = $("question").value;
     if (!question.trim()) throw new Error("Write your question for the model first (prompt_general).");
@@ -312,7 +329,7 @@ async function run() {
       answer.appendData(piece);
       setStatus(`Running… ${count} pieces`);
     });
-    state.run = { body, text, result };
+    state.run = { body, text, result, cells: true };
     showResult(result);
     setStatus(`Done: ${text.length} characters in ${seconds.toFixed(1)} s.`);
   } catch (error) {
@@ -325,11 +342,11 @@ async function run() {
   }
 }
 
-function showResult(result) {
+function showResult(result, figures = []) {
   viewer.showLayout(result.layout || []);
   if (Array.isArray(result.spots)) viewer.showSpots(result.spots);
   const markdown = typeof result.markdown === "string" ? result.markdown : result.response;
-  renderMarkdown(markdown, $("markdown"), (name) => pictureCrop(name, result.layout || []));
+  renderMarkdown(markdown, $("markdown"), (name) => pictureCrop(name, result.layout || [], figures));
   $("json").textContent = JSON.stringify(result, null, 2);
   setDownloads(result, markdown);
   showDrawing(typeof result.svg === "string" && result.svg ? result.svg : null);
@@ -358,10 +375,12 @@ function showDrawing(svg) {
   panel.appendChild(image);
 }
 
-/** `picture_<i>.png` in the markdown is layout cell i: show that part of the page. */
-function pictureCrop(name, layout) {
+/** `picture_<i>.png` in the markdown is layout cell i, a document's `figures/page-<n>-fig-<k>.png`
+ *  is the figure of that name (`figures`: the document's): show that part of the page. */
+function pictureCrop(name, layout, figures) {
   const match = name.match(/^picture_(\d+)\.png$/);
-  const cell = match && layout[Number(match[1])];
+  const figure = figures.find((entry) => entry.file === name);
+  const cell = figure || (match && layout[Number(match[1])]);
   if (!cell || !Array.isArray(cell.bbox)) return null;
   const [x1, y1, x2, y2] = cell.bbox;
   const canvas = document.createElement("canvas");
@@ -399,6 +418,62 @@ function setDownloads(result, markdown = "") {
 
 $("run").addEventListener("click", run);
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+
+// -- a page of a document job -----------------------------------------------------------------
+
+/**
+ * Page `number` of a finished document job (from documents.js: `job` is { id, source, promptType,
+ * prompt, file, result }): the page rendered from the file that was sent, at the job's dpi, with
+ * the cells of the job's result over it, its Markdown and its answer. The page view's tools then
+ * work on it as on an answer run here (a cell or a selection: /inspect with the job's answer).
+ */
+async function showJobPage(job, number) {
+  if (state.controller) {
+    showError("A request is running: stop it before opening another page.");
+    return;
+  }
+  const entry = job.result.pages.find((page) => page.page === number);
+  if (!entry || typeof entry.answer !== "string") {
+    showError(`Page ${number} has no answer in this job (${entry ? `it ${entry.status}` : "the job did not read it"}).`);
+    $("page-number").value = String(state.page);
+    return;
+  }
+  clearError();
+  showView("page");
+  state.file = job.file;
+  state.job = job;
+  state.page = number;
+  $("file-name").textContent = `${job.file.name}, from the document job ${job.id}`;
+  $("page-picker").hidden = job.file.kind !== "pdf";
+  $("prompt-type").value = job.promptType; // Run asks again as the job did
+  promptTypeChanged();
+  if (job.prompt) $("question").value = job.prompt;
+  const size = await showPage();
+  if (!size) return;
+  if (size.width !== entry.width || size.height !== entry.height) {
+    showError(`This page renders at ${size.width} × ${size.height} px here, but the job read it at ` +
+              `${entry.width} × ${entry.height} px: its boxes may not sit where they belong.`);
+  }
+  const body = { ...pageFields(), prompt_type: job.promptType };
+  if (job.prompt) body.prompt = job.prompt;
+  const result = jobPageResult(job, entry);
+  state.run = { body, text: entry.answer, result, cells: LAYOUT_PROMPT_TYPES.has(job.promptType) };
+  $("answer").replaceChildren(document.createTextNode(entry.answer));
+  showTab("answer");
+  showResult(result, (job.result.figures || []).filter((figure) => figure.page === number));
+  const where = job.file.kind === "pdf" ? `, page ${number} of ${state.pageCount}` : "";
+  const boxes = entry.cells.length;
+  setStatus(`${size.width} × ${size.height} px${where}, from the job (${entry.status}` +
+            `${entry.error ? `: ${entry.error}` : ""}): ${boxes} box${boxes === 1 ? "" : "es"}, ` +
+            `${entry.answer.length} characters of answer.`);
+}
+
+/** A page of a job's result, shaped as an /ocr answer for the page view's panels and downloads. */
+function jobPageResult(job, entry) {
+  const { answer, cells, ...rest } = entry;
+  const model = job.result.metadata && job.result.metadata.model;
+  return { model, prompt_type: job.promptType, job_id: job.id, ...rest, response: answer, layout: cells };
+}
 
 // -- grounding: drag a rectangle --------------------------------------------------------------
 
@@ -459,45 +534,6 @@ function parseIndexList(text, name) {
   return out;
 }
 
-/** [start, end) character spans of the top-level {...} objects in a JSON-ish answer. */
-export function objectSpans(text) {
-  const spans = [];
-  let depth = 0;
-  let start = -1;
-  let inString = false;
-  for (let i = 0; i < text.length; i += 1) {
-    const ch = text[i];
-    if (inString) {
-      if (ch === "\\") i += 1;
-      else if (ch === '"') inString = false;
-    } else if (ch === '"') {
-      inString = true;
-    } else if (ch === "{") {
-      if (depth === 0) start = i;
-      depth += 1;
-    } else if (ch === "}" && depth > 0) {
-      depth -= 1;
-      if (depth === 0) spans.push([start, i + 1]);
-    }
-  }
-  return spans;
-}
-
-function cellSpan(index) {
-  const { text, result } = state.run;
-  const layout = result.layout || [];
-  const spans = objectSpans(text);
-  if (spans.length === layout.length) return spans[index];
-  // the answer was repaired (cells dropped or merged): find the cell's own text instead
-  const cellText = layout[index] && layout[index].text;
-  if (typeof cellText === "string" && cellText) {
-    const escaped = JSON.stringify(cellText).slice(1, -1);
-    const at = text.indexOf(escaped);
-    if (at >= 0) return [at, at + escaped.length];
-  }
-  throw new Error(`Cannot find cell #${index} in the answer's text (the answer was repaired).`);
-}
-
 /** A [start, end) span in UTF-16 units (JS string indices) -> code points (the server's indices). */
 export function toCodePoints(text, [start, end]) {
   const count = (s) => Array.from(s).length;
@@ -534,7 +570,11 @@ function selectedAnswerSpan() {
   return [start, start + range.toString().length];
 }
 
-async function inspect(charSpan, label) {
+/**
+ * Where the model looked while writing part of the answer: `target` is `{ cell: i }` (layout cell
+ * i: the server finds the characters that wrote it) or `{ char_span: [s, e) }` (code points).
+ */
+async function inspect(target, label) {
   if (!state.run) return;
   if (state.controller) {
     showError("A request is running: wait for it or stop it first.");
@@ -544,12 +584,10 @@ async function inspect(charSpan, label) {
   let body;
   try {
     const run = state.run.body;
-    body = {
-      image: run.image, image_format: "base64", prompt_type: run.prompt_type,
-      text: state.run.text, char_span: toCodePoints(state.run.text, charSpan),
-    };
-    if (run.page !== undefined) body.page = run.page;
-    if (run.prompt !== undefined) body.prompt = run.prompt;
+    body = { image: run.image, image_format: "base64", prompt_type: run.prompt_type, text: state.run.text, ...target };
+    for (const field of ["page", "dpi", "prompt"]) {
+      if (run[field] !== undefined) body[field] = run[field];
+    }
     const layers = parseIndexList($("inspect-layers").value, "Layers");
     const heads = parseIndexList($("inspect-heads").value, "Heads");
     if (layers) body.layers = layers;
@@ -599,11 +637,12 @@ function describeInspection(result, label) {
 viewer.onCell = (index) => {
   if (!state.run) return;
   viewer.selectCell(index);
-  try {
-    inspect(cellSpan(index), `cell #${index}`);
-  } catch (error) {
-    showError(error);
+  if (!state.run.cells) {
+    setStatus(`This box is the whole page: a ${state.run.body.prompt_type} answer is text, not a layout. ` +
+              "Select part of the answer instead to see where the model looked.");
+    return;
   }
+  inspect({ cell: index }, `cell #${index}`);
 };
 
 $("inspect-selection").addEventListener("click", () => {
@@ -612,7 +651,7 @@ $("inspect-selection").addEventListener("click", () => {
     showError("Select some of the answer's text first (in the Answer tab).");
     return;
   }
-  inspect(span, `"${state.run.text.slice(span[0], Math.min(span[1], span[0] + 40))}"`);
+  inspect({ char_span: toCodePoints(state.run.text, span) }, `"${state.run.text.slice(span[0], Math.min(span[1], span[0] + 40))}"`);
 });
 $("clear-heatmap").addEventListener("click", () => viewer.clearHeatmap());
 $("heat-opacity").addEventListener("input", (event) => { $("heatmap").style.opacity = event.target.value; });
@@ -630,10 +669,32 @@ for (const tab of document.querySelectorAll("[data-tab]")) {
   tab.addEventListener("click", () => showTab(tab.dataset.tab));
 }
 
+// -- views: the page, the documents -------------------------------------------------------------
+
+let currentView = "page";
+
+/** Show the page view or the Documents view (remembered in the address: #documents). */
+function showView(name) {
+  currentView = name;
+  for (const tab of document.querySelectorAll("[data-view]")) {
+    tab.setAttribute("aria-selected", String(tab.dataset.view === name));
+  }
+  for (const panel of document.querySelectorAll("[data-view-panel]")) panel.hidden = panel.dataset.viewPanel !== name;
+  if (name === "documents" && state.config) documents.show(); // before the config: once it is there
+  if (name !== "documents") documents.hide();
+  const address = name === "documents" ? "#documents" : location.pathname + location.search;
+  if ((name === "documents") !== (location.hash === "#documents")) history.replaceState(null, "", address);
+}
+
+for (const tab of document.querySelectorAll("[data-view]")) {
+  tab.addEventListener("click", () => showView(tab.dataset.view));
+}
+
 // -- start --------------------------------------------------------------------------------------
 
 /** First load: a server with a key answers 401 until one is given; ask for it without an error. */
 function firstLoad() {
+  showView(location.hash === "#documents" ? "documents" : "page");
   loadConfig().catch((error) => {
     if (error instanceof ApiError && error.status === 401 && !apiKey.get()) askForKey();
     else showError(error);
