@@ -254,7 +254,6 @@ def test_errors_that_stop_the_run(server, inputs, tmp_path, capsys):
     assert "does not serve document jobs" in capsys.readouterr().err and not out.exists()
 
     for argv, message in ((["--pages", "1"], "--pages is only used with --jobs"),
-                          (["--jobs", "--prompt-type", "prompt_scene_spotting"], "--jobs cannot run"),
                           (["--jobs", "--logprobs"], "not available with --jobs")):
         with pytest.raises(SystemExit) as exc:
             main([str(inputs), *argv])
@@ -348,6 +347,57 @@ def test_a_layout_result_leaves_the_folders_of_a_page_by_page_run(tmp_path):
     assert "![Picture](figures/page-1-fig-1.png)" in (folder / "document.md").read_text()
     assert (folder / "figures" / "page-1-fig-1.png").is_file()
 
+    assert not (folder / "chunks.jsonl").exists()
+    # --jobs --chunks: the server's chunks.jsonl comes in the ZIP; a later run without it removes it
+    with_chunks = document_zip_bytes(job, pages, job_document(job, pages), tmp_path / "figures", chunks=True)
+    assert write_result(read_result(with_chunks), item, out, prompt_type="prompt_layout_all_en", dpi=DPI,
+                        control=RunControl()).document_written
+    chunks = [json.loads(line) for line in (folder / "chunks.jsonl").read_text().splitlines()]
+    assert chunks and chunks[0]["pages"] == [1] and "Hello" in chunks[0]["headings"] + [chunks[0]["text"]]
+    write_result(read_result(data), item, out, prompt_type="prompt_layout_all_en", dpi=DPI, control=RunControl())
+    assert not (folder / "chunks.jsonl").exists()
+
     assert [len(page.cells) for page in read_client_folder(folder).pages] == [3]
-    assert assemble_main([str(folder), "--chunks"]) == 0  # what --jobs --chunks says to run
+    assert assemble_main([str(folder), "--chunks"]) == 0  # the folder a --jobs run wrote assembles again
     assert (folder / "chunks.jsonl").read_text().strip() and (folder / "figures" / "page-1-fig-1.png").is_file()
+
+
+@pytest.mark.parametrize("prompt_type, extra, files", [
+    ("prompt_scene_spotting",
+     {"spots": [{"quad": [[5, 5], [60, 5], [60, 30], [5, 30]], "text": "EXIT"}], "markdown": "EXIT", "repaired": False},
+     {"spots.json", "page.md", "page.png", "response.json"}),
+    ("prompt_image_to_svg",
+     {"svg": '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 224 280"></svg>', "repaired": True},
+     {"page.svg", "page.md", "page.png", "response.json"}),
+])
+def test_spotting_and_svg_results_leave_their_files_as_a_page_by_page_run(tmp_path, prompt_type, extra, files):
+    """The job's page carries what the server made of the answer (quadrilaterals, the repaired SVG
+    document); the client writes it where a page-by-page run would."""
+    from dots_ocr_server.jobs.store import JobRow, PageRow
+    from dots_ocr_server.jobs.views import document_zip_bytes, job_document
+
+    image = tmp_path / "sign.png"
+    page_image(224, 280, 0).save(image)
+    answer = {"width": 224, "height": 280, "response": "raw answer", "done_reason": "stop", "eval_count": 7, **extra}
+    job = JobRow(seq=1, id="j2", status="done", created_at=0.0, started_at=0.0, finished_at=1.0, source="sign.png",
+                 sha256="0" * 64, kind="image", page_count=1, pages_total=1, file=None, file_bytes=0, error=None,
+                 options={"prompt_type": prompt_type, "temperature": 0.1, "top_p": 1.0, "max_new_tokens": 64,
+                          "dpi": DPI, "prompt": None, "seed": None})
+    pages = [PageRow(job_id="j2", page=1, status="done", attempts=1, error=None, done_reason="stop", result=answer,
+                     started_at=0.0, finished_at=1.0)]
+    data = document_zip_bytes(job, pages, job_document(job, pages), tmp_path / "figures")
+    (item,) = collect_inputs([str(image)])
+    assign_names([item])
+    written = write_result(read_result(data), item, tmp_path / "out", prompt_type=prompt_type, dpi=DPI,
+                           control=RunControl())
+    assert [r.status for r in written.records] == ["ok"]
+    folder = tmp_path / "out" / "sign" / "page_0001"
+    assert {p.name for p in folder.iterdir()} == files
+    response = json.loads((folder / "response.json").read_text())
+    assert response["repaired"] == extra["repaired"] and response["response"] == "raw answer"
+    if "spots" in extra:
+        assert json.loads((folder / "spots.json").read_text()) == response["spots"] == extra["spots"]
+        assert (folder / "page.md").read_text() == "EXIT\n"
+    else:
+        assert (folder / "page.svg").read_text() == response["svg"] == extra["svg"]
+        assert (folder / "page.md").read_text() == "raw answer\n"

@@ -82,6 +82,8 @@ def test_a_pdf_by_path_upload_and_base64_becomes_a_document(make_app, tmp_path):
     assert encoded.status_code == 202 and encoded.get_json()["pages_total"] == 2
     for answer, pages in ((first, [1, 2, 3]), (uploaded.get_json(), [1, 3]), (encoded.get_json(), [2, 3])):
         status = _wait_finished(client, answer["job_id"])
+        assert status["pages_selected"] == pages and status["options"]["max_new_tokens"] == FAST["max_new_tokens"]
+        assert status["options"]["prompt_type"] == FAST["prompt_type"] and status["options"]["dpi"] == FAST["dpi"]
         assert status["status"] == "done" and status["pages_done"] == len(pages) and status["pages_failed"] == 0
         assert [(p["page"], p["status"], p["attempts"]) for p in status["pages"]] == [(n, "done", 1) for n in pages]
         assert all(p["done_reason"] in ("length", "stop") for p in status["pages"])
@@ -99,6 +101,14 @@ def test_a_pdf_by_path_upload_and_base64_becomes_a_document(make_app, tmp_path):
         for page in result["pages"]:
             text = " ".join(page["answer"].split())
             at = flat.index(text, at) + len(text)
+        # one page on its own, as the result holds it
+        one = client.get(f"/jobs/{answer['job_id']}/pages/{pages[-1]}")
+        assert one.status_code == 200
+        keys = ("page", "status", "attempts", "answer", "statistics", "width", "height")
+        assert {key: one.get_json()[key] for key in keys} == {key: result["pages"][-1][key] for key in keys}
+        assert one.get_json()["job_id"] == answer["job_id"] and {"cells", "markdown"} <= set(one.get_json())
+        missing = client.get(f"/jobs/{answer['job_id']}/pages/{pages[-1] + 7}")
+        assert missing.status_code == 404 and "has no page" in missing.get_json()["error"]
     listed = _jobs(client)
     assert [j["job_id"] for j in listed] == [encoded.get_json()["job_id"], uploaded.get_json()["job_id"],
                                              first["job_id"]]  # newest first
@@ -118,6 +128,27 @@ def test_progress_events_then_the_end_as_ndjson_and_as_sse(make_app):
     events = [block for block in sse.get_data(as_text=True).split("\n\n") if block]
     assert [block.splitlines()[0] for block in events] == ["event: page", "event: page", "event: end"]
     assert json.loads(events[-1].splitlines()[1].removeprefix("data: "))["status"] == "done"
+
+
+def test_a_quiet_stream_gets_status_events(make_app):
+    """A job that cannot start (the only slot is taken): its events stream sends ``status`` events
+    (the counts, the pages running) instead of nothing, then the pages and the end once it runs."""
+    app = make_app()
+    client = app.test_client()
+    state = app.extensions["dots_ocr"]
+    assert state.lock.acquire()
+    try:
+        job = _submit(client, document=base64.b64encode(_pdf(1)).decode(), document_format="base64").get_json()
+        wait_for(lambda: client.get(f"/jobs/{job['job_id']}").get_json()["pages"][0]["status"] == "running",
+                 what="the worker to take the page")  # it has, and waits for the slot
+        events = state.jobs.events(job["job_id"], poll_s=0.05, keepalive_s=0.1)
+        first = next(events)
+        assert first == {"event": "status", "job_id": job["job_id"], "status": "running", "running": [1],
+                         "pages_total": 1, "pages_done": 0, "pages_failed": 0, "eta_s": None}
+    finally:
+        state.lock.release()
+    rest = [event for event in events if event["event"] != "status"]
+    assert [(e["event"], e.get("page")) for e in rest] == [("page", 1), ("end", None)]
 
 
 def test_the_zip_holds_the_document_and_its_figures(make_app, runner, monkeypatch):
@@ -148,6 +179,12 @@ def test_the_zip_holds_the_document_and_its_figures(make_app, runner, monkeypatc
     x1, y1, x2, y2 = document["figures"][0]["bbox"]
     assert crop.size == (x2 - x1, y2 - y1)  # cropped at the page's full resolution
     assert client.get(f"/jobs/{job['job_id']}/result?format=markdown").get_data(as_text=True) == markdown
+    # with chunks=true the zip adds the document's chunks, one JSON object a line
+    archive = zipfile.ZipFile(io.BytesIO(client.get(f"/jobs/{job['job_id']}/result?format=zip&chunks=true").data))
+    assert "chunks.jsonl" in archive.namelist()
+    chunks = [json.loads(line) for line in archive.read("chunks.jsonl").decode().splitlines()]
+    assert chunks and all(chunk["pages"] == [1] for chunk in chunks)
+    assert "A title" in chunks[0]["headings"] + [chunks[0]["text"]] and "Body text." in chunks[-1]["text"]
 
 
 def test_a_page_that_cannot_be_read_is_tried_again_then_failed_and_the_job_goes_on(make_app, runner):

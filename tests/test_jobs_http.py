@@ -58,6 +58,7 @@ def test_the_life_of_a_job_over_http(tiny_ckpt, tmp_path):
         # the events of the first job, as they come: one per page, then the end
         with requests.get(url + by_path.json()["links"]["events"], stream=True, timeout=60) as events:
             lines = [json.loads(line) for line in events.iter_lines() if line]
+        lines = [e for e in lines if e["event"] != "status"]  # the keep-alive of a slow machine
         assert [e["event"] for e in lines] == ["page", "page", "page", "end"]
         assert [e["pages_done"] for e in lines[:3]] == [1, 2, 3]
         for answer, pages in ((by_path.json(), [1, 2, 3]), (upload.json(), [2, 3]), (encoded.json(), [1])):

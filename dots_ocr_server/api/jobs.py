@@ -4,9 +4,11 @@
                                      upload (``file``), with /ocr's fields and ``pages``: 202
     GET    /jobs                     the jobs, newest first (``limit``, ``before``, ``sha256``)
     GET    /jobs/<id>                status, counts, times, eta, and every page's status
-    GET    /jobs/<id>/result         the document (JSON), ``?format=markdown`` or ``?format=zip``;
-                                     409 while the job runs
-    GET    /jobs/<id>/events         NDJSON progress events (SSE for ``Accept: text/event-stream``)
+    GET    /jobs/<id>/pages/<n>      one page's status, and its answer once it has finished
+    GET    /jobs/<id>/result         the document (JSON), ``?format=markdown`` or ``?format=zip``
+                                     (``&chunks=true``: with chunks.jsonl); 409 while the job runs
+    GET    /jobs/<id>/events         NDJSON progress events (SSE for ``Accept: text/event-stream``):
+                                     ``page`` per page finished, ``status`` on a quiet stream, ``end``
     DELETE /jobs/<id>                cancel a queued or running job (what was done is kept)
 
 The API key, the image policy and the request limits apply as to ``/ocr``; errors are
@@ -121,6 +123,18 @@ def job_status(job_id: str):
     return jsonify(job_detail(job, jobs.store.pages(job.id)))
 
 
+@bp.get("/jobs/<job_id>/pages/<int:page>")
+def job_page(job_id: str, page: int):
+    from ..jobs.views import page_detail
+
+    _state_, jobs = _manager()
+    job = _job_or_404(jobs, job_id)
+    row = jobs.store.page(job.id, page)
+    if row is None:
+        raise RequestError(f"Job {job.id} has no page {page} (its pages: the 'pages_selected' of the job)", 404)
+    return jsonify(page_detail(job, row))
+
+
 @bp.get("/jobs/<job_id>/result")
 def job_result(job_id: str):
     from ..jobs.views import document_json, document_zip_bytes, finished, job_document
@@ -131,6 +145,7 @@ def job_result(job_id: str):
     if fmt not in RESULT_FORMATS:
         raise RequestError(f"Invalid 'format': must be one of {list(RESULT_FORMATS)}")
     keep_headers = request.args.get("keep_headers", "false").lower() in ("1", "true", "yes")
+    chunks = request.args.get("chunks", "false").lower() in ("1", "true", "yes")
     pages = jobs.store.pages(job.id)
     if not finished(job, pages):
         done = sum(p.status == "done" for p in pages)
@@ -140,7 +155,7 @@ def job_result(job_id: str):
     if fmt == "markdown":
         return Response(document.markdown, mimetype="text/markdown", content_type="text/markdown; charset=utf-8")
     if fmt == "zip":
-        response = Response(document_zip_bytes(job, pages, document, jobs.figures_dir(job.id)),
+        response = Response(document_zip_bytes(job, pages, document, jobs.figures_dir(job.id), chunks=chunks),
                             mimetype="application/zip")
         response.headers["Content-Disposition"] = f'attachment; filename="{job.id}.zip"'
         return response

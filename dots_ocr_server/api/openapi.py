@@ -103,6 +103,17 @@ class JobStatus(BaseModel):
     started_at: str | None
     finished_at: str | None
     eta_s: float | None
+    options: dict[str, Any]
+    pages_selected: list[int]
+
+
+class JobPage(BaseModel):
+    """``GET /jobs/<id>/pages/<n>``: one page's status, and its answer once it has finished."""
+
+    model_config = ConfigDict(extra="allow")
+    job_id: str
+    page: int
+    status: str
 
 
 class JobList(BaseModel):
@@ -240,12 +251,19 @@ def _job_paths() -> dict[str, Any]:
                        "parameters": _JOB_ID,
                        "responses": {"200": _json(JobStatus, "the job, cancelled"),
                                      **_errors(OCRError, {**_JOB_ERRORS, 409: "the job has already finished"})}}},
+        "/jobs/{job_id}/pages/{page}": {"get": {
+            "summary": "One page of a job: its status, and its answer once it has finished", "security": _BEARER,
+            "parameters": _JOB_ID + [{"name": "page", "in": "path", "required": True,
+                                      "schema": {"type": "integer", "minimum": 0}}],
+            "responses": {"200": _json(JobPage, "the page"),
+                          **_errors(OCRError, {**_JOB_ERRORS, 404: "no such job, or no such page in it"})}}},
         "/jobs/{job_id}/result": {"get": {
             "summary": "The whole document: JSON, Markdown (?format=markdown) or a ZIP (?format=zip)",
             "security": _BEARER,
             "parameters": _JOB_ID + [{"name": "format", "in": "query",
                                       "schema": {"type": "string", "enum": ["json", "markdown", "zip"]}},
-                                     {"name": "keep_headers", "in": "query", "schema": {"type": "boolean"}}],
+                                     {"name": "keep_headers", "in": "query", "schema": {"type": "boolean"}},
+                                     {"name": "chunks", "in": "query", "schema": {"type": "boolean"}}],
             "responses": {"200": {"description": "the document",
                                   "content": {"application/json": {"schema": _ref(JobResult)},
                                               "text/markdown": {"schema": {"type": "string"}},
@@ -253,7 +271,8 @@ def _job_paths() -> dict[str, Any]:
                           **_errors(OCRError, {**_JOB_ERRORS, 400: "invalid format",
                                                409: "the job has not finished"})}}},
         "/jobs/{job_id}/events": {"get": {
-            "summary": "Progress: one event per page finished, then the end (NDJSON, or SSE)", "security": _BEARER,
+            "summary": "Progress: one event per page finished, a status event on a quiet stream, then the end "
+                       "(NDJSON, or SSE)", "security": _BEARER,
             "parameters": _JOB_ID,
             "responses": {"200": {"description": "the events",
                                   "content": {"application/x-ndjson": {"schema": {"type": "string"}},
@@ -290,7 +309,7 @@ def build_document() -> dict[str, Any]:
                                           JobRequest)]
     models += [(m, "serialization") for m in (ChatCompletion, ChatCompletionChunk, ModelList, ModelCard, ErrorResponse,
                                               HealthResponse, OCRResponse, OCRError, InspectResponse, RenderResponse,
-                                              UIConfig, JobSubmitted, JobStatus, JobList, JobResult)]
+                                              UIConfig, JobSubmitted, JobStatus, JobPage, JobList, JobResult)]
     _, top = models_json_schema(models, ref_template=REF)
     return {
         "openapi": "3.1.0",

@@ -24,7 +24,7 @@ import io
 from flask import Blueprint, current_app, jsonify, redirect
 
 from dots_ocr_server.layout import CATEGORY_COLORS, FALLBACK_COLOR
-from model_runner.prompts import POSTPROCESS_PROMPT_TYPES, PROMPT_TYPES, default_temperature
+from model_runner.prompts import LAYOUT_PROMPT_TYPES, POSTPROCESS_PROMPT_TYPES, PROMPT_TYPES, default_temperature
 
 from .errors import RequestError
 from .http import check_api_key, json_body
@@ -77,6 +77,8 @@ def config():
         "max_body_mb": state.config.max_body_mb,
         "prompt_types": list(PROMPT_TYPES),
         "postprocess_prompt_types": list(POSTPROCESS_PROMPT_TYPES),
+        "layout_prompt_types": list(LAYOUT_PROMPT_TYPES),
+        "jobs": state.jobs is not None,
         "default_temperatures": {name: default_temperature(name) for name in PROMPT_TYPES},
         "category_colors": {name: list(rgb) for name, rgb in CATEGORY_COLORS.items()},
         "fallback_color": list(FALLBACK_COLOR),

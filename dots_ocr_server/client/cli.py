@@ -35,8 +35,6 @@ from model_runner.prompts import (
     LAYOUT_PROMPT_TYPES,
     PROMPT_TYPES,
     QUESTION_PROMPT_TYPES,
-    SCENE_SPOTTING_PROMPT_TYPE,
-    SVG_PROMPT_TYPE,
 )
 
 from .batch import PageTask, Progress, RequestOptions, RunControl, process_page, run_pages
@@ -55,15 +53,11 @@ MIN_DPI, MAX_DPI = MIN_PDF_DPI, MAX_PDF_DPI
 MAX_CONCURRENCY = 256
 
 EXIT_OK, EXIT_FAILED, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 2, 130
-#: What the document jobs cannot carry: their result has no log-probabilities, and no scene-text
-#: quadrilaterals or SVG document (only the answer text and layout cells).
-JOBS_REFUSED_PROMPT_TYPES = (SCENE_SPOTTING_PROMPT_TYPE, SVG_PROMPT_TYPE)
-JOBS_UNUSED_FLAGS = ("stream", "skip_headers_footers", "no_rescaled_retry", "chunks")
+JOBS_UNUSED_FLAGS = ("stream", "skip_headers_footers", "no_rescaled_retry")
 JOBS_UNUSED_HINTS = {
     "skip_headers_footers": " (page.md is the page of the document: headers and footers are left out unless "
                             "--keep-headers)",
     "no_rescaled_retry": " (the server retries a page as its --job-page-retries says)",
-    "chunks": " (the job's result has no chunks; dots-ocr-assemble OUT/<input> --chunks makes them afterwards)",
 }
 
 
@@ -188,9 +182,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--prompt is only used with --prompt-type {', '.join(QUESTION_PROMPT_TYPES)}")
     if args.pages is not None and not args.jobs:
         parser.error("--pages is only used with --jobs")
-    if args.jobs and args.prompt_type in JOBS_REFUSED_PROMPT_TYPES:
-        parser.error(f"--jobs cannot run --prompt-type {args.prompt_type}: a job's result carries the answer text "
-                     "and layout cells, not its post-processed output; run it without --jobs")
     if args.jobs and (args.logprobs or args.top_logprobs):
         parser.error("--logprobs and --top-logprobs are not available with --jobs (a job's result has no "
                      "log-probabilities); run without --jobs")
@@ -261,7 +252,7 @@ def _run_jobs(args: argparse.Namespace, client: OCRClient, items: list[InputFile
     """The run with --jobs: one document job per input (see :mod:`.jobs`)."""
     options = JobOptions(prompt_type=args.prompt_type, dpi=args.dpi, temperature=args.temperature,
                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, prompt=args.prompt,
-                         pages=args.pages, keep_headers=args.keep_headers)
+                         pages=args.pages, keep_headers=args.keep_headers, chunks=args.chunks)
     run = run_jobs(client, items, out, options, concurrency=args.concurrency, force=args.force,
                    progress=not args.no_progress, say=say)
     return RunOutcome(records=run.records, documents=run.documents(), concurrency=run.concurrency,

@@ -2,13 +2,14 @@
 output folder, ``OUT/<input>/``, so a ``--jobs`` run leaves the same files as a page-by-page run:
 
 - the document files of the ZIP, ``document.md``, ``document.json`` (the server's: the document
-  plus the job's fields, and per page its status, attempts, answer and statistics) and
-  ``figures/`` (cropped by the server), written first and only when every page of the job is
-  done (an input with a failed page gets no new document, as without ``--jobs``);
+  plus the job's fields, and per page its status, attempts, answer and statistics),
+  ``figures/`` (cropped by the server) and, with ``--chunks``, ``chunks.jsonl``, written first
+  and only when every page of the job is done (an input with a failed page gets no new document, as without ``--jobs``);
 - per page done, ``page_NNNN/`` as :func:`.outputs.write_page_outputs` writes it, from the page's
   entry in ``document.json``: ``response.json`` (the answer, its statistics, ``prompt_type``, for
-  a PDF ``page``/``page_count``, and for the layout prompt types ``layout`` and ``markdown``, with
-  ``job``: the job id and the page's attempts), ``layout.json``, ``page.md`` and ``page.png``;
+  a PDF ``page``/``page_count``, for the layout prompt types ``layout`` and ``markdown``, for
+  scene spotting ``spots`` and for image-to-SVG ``svg``, with ``job``: the job id and the page's
+  attempts), ``layout.json`` or ``spots.json`` or ``page.svg``, ``page.md`` and ``page.png``;
 - a page that failed (or was cancelled) gets no ``response.json``: it is not done, and the
   summary lists it with the server's reason.
 
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from dots_ocr_server.document.writer import FIGURES_DIR, JSON_NAME, MARKDOWN_NAME, write_bytes_atomic
+from dots_ocr_server.document.writer import CHUNKS_NAME, FIGURES_DIR, JSON_NAME, MARKDOWN_NAME, write_bytes_atomic
 from dots_ocr_server.document.writer import _remove_stale as remove_stale_document_files
-from model_runner.prompts import LAYOUT_PROMPT_TYPES
+from model_runner.prompts import LAYOUT_PROMPT_TYPES, SCENE_SPOTTING_PROMPT_TYPE
 
 from .batch import RunControl
 from .errors import PageError
@@ -71,12 +72,13 @@ class WrittenResult:
 
 
 def read_result(data: bytes) -> JobResult:
-    """The ZIP's ``document.json``, ``document.md`` and figures (any other entry is left out).
+    """The ZIP's ``document.json``, ``document.md``, figures and ``chunks.jsonl`` (when asked for;
+    any other entry is left out).
     PageError for a ZIP that cannot be read or has no ``document.json``."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             names = [name for name in archive.namelist()
-                     if name in (MARKDOWN_NAME, JSON_NAME) or _FIGURE_FILE.match(name)]
+                     if name in (MARKDOWN_NAME, JSON_NAME, CHUNKS_NAME) or _FIGURE_FILE.match(name)]
             files = {name: archive.read(name) for name in names}
     except (zipfile.BadZipFile, OSError) as exc:
         raise PageError(f"the job's result is not a readable ZIP ({exc})") from None
@@ -100,7 +102,8 @@ def _write_document(folder: Path, result: JobResult) -> None:
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, result.files[name])
-    remove_stale_document_files(folder, {name for name in result.files if _FIGURE_FILE.match(name)}, chunks=False)
+    remove_stale_document_files(folder, {name for name in result.files if _FIGURE_FILE.match(name)},
+                                chunks=CHUNKS_NAME in result.files)
 
 
 def page_answer(entry: dict[str, Any], *, item: InputFile, prompt_type: str, model: Optional[str],
@@ -113,7 +116,10 @@ def page_answer(entry: dict[str, Any], *, item: InputFile, prompt_type: str, mod
     answer.update(statistics if isinstance(statistics, dict) else {})
     if prompt_type in LAYOUT_PROMPT_TYPES:
         answer["layout"] = entry.get("cells") if isinstance(entry.get("cells"), list) else []
+    if prompt_type in LAYOUT_PROMPT_TYPES or prompt_type == SCENE_SPOTTING_PROMPT_TYPE:
         answer["markdown"] = entry.get("markdown") if isinstance(entry.get("markdown"), str) else ""
+    # what the server made of the answer, as /ocr gives it: the quadrilaterals, the SVG document
+    answer.update({key: entry[key] for key in ("spots", "svg", "repaired") if key in entry})
     answer["job"] = {"job_id": job_id, "attempts": entry.get("attempts")}
     return answer
 

@@ -8,9 +8,9 @@ Per input, in input order, ``--concurrency`` inputs at a time:
 2. **Find or submit**: the file's SHA-256 is looked up on the server (``GET /jobs?sha256=``). The
    job recorded in ``OUT/<input>/job.json`` by an earlier run is re-attached when the server
    still lists it under that hash with the same prompt type and the run asks for the same options
-   (the server's summaries do not show a job's options, so the local record is what tells them
-   apart), and it is queued, running, or done and not yet downloaded (a done job whose failed
-   pages were already reported is not: a new job tries them again). Otherwise, or with
+   (as recorded there: the fields this client sent, ``--pages`` as typed), and it is queued,
+   running, or done and not yet downloaded (a done job whose failed pages were already reported
+   is not: a new job tries them again). Otherwise, or with
    ``--force``, the file is uploaded (multipart: the server need not see the client's files) and
    the new job is recorded at once, so a client stopped at any moment finds it again.
 3. **Follow**: a tqdm bar per document, fed by the job's events (pages done and failed of
@@ -62,6 +62,7 @@ class JobOptions:
     prompt: Optional[str] = None  # prompt_general's question
     pages: Optional[str] = None   # "1-3,7"; None: every page
     keep_headers: bool = False    # of the result (document.md), not of the job
+    chunks: bool = False          # of the result too: chunks.jsonl beside the document
 
     def fields(self) -> dict[str, Any]:
         """The job's fields for ``POST /jobs`` (those set), also what a restart compares."""
@@ -276,7 +277,7 @@ class JobWorker:
             with self.bars.document(item.label, summary.get("pages_total")) as show:
                 show(summary)
                 end = self.api.follow(job_id, show)
-            result = read_result(self.api.result_zip(job_id, self.options.keep_headers))
+            result = read_result(self.api.result_zip(job_id, self.options.keep_headers, self.options.chunks))
         except PageError:  # gone from the server, or a result that cannot be read: not followed any more
             with self._lock:
                 self.following.discard(job_id)

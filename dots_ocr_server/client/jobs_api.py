@@ -138,9 +138,11 @@ class JobsAPI:
             response.close()
         return None
 
-    def result_zip(self, job_id: str, keep_headers: bool = False) -> bytes:
-        """``GET /jobs/<id>/result?format=zip``: the bytes of the finished job's ZIP."""
-        params = {"format": "zip", **({"keep_headers": "true"} if keep_headers else {})}
+    def result_zip(self, job_id: str, keep_headers: bool = False, chunks: bool = False) -> bytes:
+        """``GET /jobs/<id>/result?format=zip``: the bytes of the finished job's ZIP (with
+        ``chunks``: its ``chunks.jsonl`` too)."""
+        params = {"format": "zip", **({"keep_headers": "true"} if keep_headers else {}),
+                  **({"chunks": "true"} if chunks else {})}
         response = self.client.get(f"/jobs/{job_id}/result", params=params)
         if response.status_code != 200:
             self._json(response, f"the result of job {job_id}", job_id)  # raises for an error

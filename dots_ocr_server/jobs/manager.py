@@ -51,6 +51,7 @@ __all__ = ["JobManager", "JOB_ROUTE", "StorageFull"]
 JOB_ROUTE = "/jobs"  # the route label of a job page's generation in /metrics
 DB_NAME = "jobs.db"
 IDLE_WAIT_S = 1.0  # how long an idle worker waits before looking at the queue again
+KEEPALIVE_S = 15.0  # an events stream with nothing to say for this long sends a status event
 RETENTION_EVERY_S = 600.0
 
 
@@ -396,11 +397,14 @@ class JobManager:
     def figures_dir(self, job_id: str) -> Path:
         return _job_dir(self.root, job_id) / "figures"
 
-    def events(self, job_id: str, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
-        """One event per page finished (those finished before the call first), then the job's end."""
-        from .views import job_summary, page_event
+    def events(self, job_id: str, poll_s: float = 1.0, keepalive_s: float = KEEPALIVE_S) -> Iterator[dict[str, Any]]:
+        """One event per page finished (those finished before the call first), then the job's end;
+        a ``status`` event (the counts, the running pages) after ``keepalive_s`` without one, so that a
+        proxy does not close a quiet stream."""
+        from .views import job_summary, page_event, status_event
 
         reported: set[int] = set()
+        last_sent = time.monotonic()
         while True:
             version = self.version
             job = self.store.job(job_id)
@@ -410,10 +414,14 @@ class JobManager:
             for page in pages:
                 if page.status in FINISHED and page.page not in reported:
                     reported.add(page.page)
+                    last_sent = time.monotonic()
                     yield page_event(job, page, pages)
             if job.finished and not any(p.status == "running" for p in pages):
                 yield {"event": "end", **job_summary(job, pages)}
                 return
+            if time.monotonic() - last_sent >= keepalive_s:
+                last_sent = time.monotonic()
+                yield status_event(job, pages)
             self.wait_for_change(version, poll_s)
 
 

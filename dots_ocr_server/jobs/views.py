@@ -14,7 +14,8 @@ from model_runner.prompts import LAYOUT_PROMPT_TYPES
 
 from .store import FINISHED, JobRow, PageRow
 
-__all__ = ["job_summary", "job_detail", "page_event", "job_document", "document_json", "document_zip_bytes", "links"]
+__all__ = ["job_summary", "job_detail", "status_event", "page_detail", "page_event", "job_document", "document_json",
+           "document_zip_bytes", "links"]
 
 _STATISTICS = ("done_reason", "total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
                "eval_count", "eval_duration")
@@ -51,7 +52,8 @@ def job_summary(job: JobRow, pages: list[PageRow]) -> dict[str, Any]:
         "pages_total": job.pages_total, "pages_done": sum(p.status == "done" for p in pages),
         "pages_failed": sum(p.status == "failed" for p in pages),
         "created_at": _iso(job.created_at), "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
-        "eta_s": _eta_s(job, pages), **({"error": job.error} if job.error else {}), "links": links(job.id),
+        "eta_s": _eta_s(job, pages), "options": job.options, "pages_selected": [p.page for p in pages],
+        **({"error": job.error} if job.error else {}), "links": links(job.id),
     }
 
 
@@ -66,6 +68,22 @@ def _page_status(page: PageRow) -> dict[str, Any]:
 
 def job_detail(job: JobRow, pages: list[PageRow]) -> dict[str, Any]:
     return {**job_summary(job, pages), "pages": [_page_status(page) for page in pages]}
+
+
+def status_event(job: JobRow, pages: list[PageRow]) -> dict[str, Any]:
+    """The keep-alive event of a quiet stream: the counts, and which pages run now."""
+    summary = job_summary(job, pages)
+    return {"event": "status", "job_id": job.id, "status": job.status,
+            "running": [p.page for p in pages if p.status == "running"],
+            **{key: summary[key] for key in ("pages_total", "pages_done", "pages_failed", "eta_s")}}
+
+
+def page_detail(job: JobRow, page: PageRow) -> dict[str, Any]:
+    """One page of a job, as soon as it has finished: its entry in ``document.json`` built from
+    this page alone (its cells in page pixels, its Markdown, its answer and statistics). Rules that
+    look across pages (repeated headers, a paragraph a page break cut) wait for the whole result."""
+    document = job_document(job, [page])
+    return {"job_id": job.id, **document_json(job, [page], document)["pages"][0]}
 
 
 def page_event(job: JobRow, page: PageRow, pages: list[PageRow]) -> dict[str, Any]:
@@ -116,6 +134,7 @@ def document_json(job: JobRow, pages: list[PageRow], document) -> dict[str, Any]
         entry.update(_page_status(page))
         if page.result is not None:
             entry["answer"] = page.result.get("response")
+            entry.update({key: page.result[key] for key in ("repaired", "spots", "svg") if key in page.result})
             entry["statistics"] = {key: page.result[key] for key in _STATISTICS if key in page.result}
         pages_out.append(entry)
     data["pages"] = pages_out
@@ -125,10 +144,12 @@ def document_json(job: JobRow, pages: list[PageRow], document) -> dict[str, Any]
             **data}
 
 
-def document_zip_bytes(job: JobRow, pages: list[PageRow], document, figures: Path) -> bytes:
+def document_zip_bytes(job: JobRow, pages: list[PageRow], document, figures: Path, *, chunks: bool = False) -> bytes:
     """``document.md``, ``document.json`` and ``figures/`` in one ZIP (the figures as they were
-    cropped when their pages finished)."""
+    cropped when their pages finished), and ``chunks.jsonl`` with ``chunks``."""
     import json
+
+    from ..document import chunk_document
 
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -136,6 +157,9 @@ def document_zip_bytes(job: JobRow, pages: list[PageRow], document, figures: Pat
             path = figures / Path(figure.file).name
             if path.is_file():
                 archive.writestr(figure.file, path.read_bytes(), compress_type=zipfile.ZIP_STORED)
+        if chunks:
+            archive.writestr("chunks.jsonl", "".join(json.dumps(chunk.to_json(), ensure_ascii=False) + "\n"
+                                                     for chunk in chunk_document(document)))
         archive.writestr("document.md", document.markdown)
         archive.writestr("document.json", json.dumps(document_json(job, pages, document), ensure_ascii=False, indent=2))
     return buffer.getvalue()
