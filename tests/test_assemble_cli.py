@@ -193,6 +193,7 @@ def test_page_not_done_and_bad_arguments(tmp_path, capsys):
         assert exit_info.value.code == 2
 
 
+@pytest.mark.slow
 def test_runs_as_a_command(tmp_path):
     path = _pages_json(tmp_path / "in")
     proc = subprocess.run([sys.executable, "-m", "dots_ocr_server.document.cli", str(path),

@@ -130,6 +130,7 @@ def _row(key, error=None, **extra):
             "new_tokens": 2, "seconds": 0.5, "error": error, **extra}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_shards_resume_and_superseded_rows(tmp_path, fmt):
     out = str(tmp_path / "out")
@@ -325,6 +326,7 @@ def _all_rows(out: Path):
     return [r for p in sorted(out.glob("part-*")) for r in _read(str(p))]
 
 
+@pytest.mark.slow
 def test_run_resume_retry_failed_and_force(batch_runner, corpus, tmp_path, capsys):
     engine = InProcessEngine(batch_runner)
     out = tmp_path / "out"

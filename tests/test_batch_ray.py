@@ -15,6 +15,8 @@ from dots_ocr_server.batch import cli
 from dots_ocr_server.batch.outputs import SUMMARY_NAME
 from dots_ocr_server.batch.pipeline import local_runtime_env
 
+pytestmark = pytest.mark.slow  # the tier of pyproject.toml's "slow" marker
+
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 FAST = ["--demo", "--device", "cpu", "--dpi", "36", "--max-new-tokens", "6", "--seed", "0"]
 

@@ -513,6 +513,7 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+@pytest.mark.slow
 def test_two_hundred_requests_through_four_slots_leave_nothing_behind(runner4, images, monkeypatch):
     """200 short requests, four at a time. Afterwards: no request object alive (a leak of a request
     would keep its KV cache, pixels and queues), no engine state, no extra thread, and the

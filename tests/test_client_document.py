@@ -9,6 +9,8 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
 from ocr_client_support import PDF, FakeServer, layout_answer, page_image, read_summary
 from PIL import Image
 
@@ -39,6 +41,7 @@ PICTURE_CELLS = [{"bbox": [0, 0, 200, 20], "category": "Page-header", "text": "R
                  {"bbox": [10, 120, 190, 250], "category": "Text", "text": "Some text."}]
 
 
+@pytest.mark.slow
 def test_three_places_give_the_same_document(tmp_path):
     pages = json.loads((DATA / "demo_pdf1.pages.json").read_text(encoding="utf-8"))["pages"]
     fake = FakeServer()
@@ -157,6 +160,7 @@ def test_page_still_unparsable_after_the_retry_is_marked(tmp_path, capsys):
         fake.close()
 
 
+@pytest.mark.slow
 def test_no_document_for_other_prompt_types_or_with_a_failed_page(tmp_path, capsys):
     image = _picture_page(tmp_path / "scan.png")
     fake = FakeServer()

@@ -73,6 +73,7 @@ def _record(out: Path, name: str) -> dict:
     return json.loads((out / name / JOB_RECORD_NAME).read_text())
 
 
+@pytest.mark.slow
 def test_folder_of_a_pdf_and_an_image(server, inputs, tmp_path, capsys):
     out = tmp_path / "out"
     before = {path.name: _job_ids(server, path) for path in (inputs / "alpha.png", inputs / "docs" / "demo_pdf1.pdf")}
@@ -120,6 +121,7 @@ def test_folder_of_a_pdf_and_an_image(server, inputs, tmp_path, capsys):
     assert len(_job_ids(server, inputs / "docs" / "demo_pdf1.pdf")) == len(before["demo_pdf1.pdf"]) + 1
 
 
+@pytest.mark.slow
 def test_stopped_client_reattaches_to_its_job(server, inputs, tmp_path, capsys):
     pdf, out = inputs / "docs" / "demo_pdf1.pdf", tmp_path / "out"
     args = [str(pdf), "--out", str(out), "--server", server, "--prompt-type", "prompt_ocr", "--no-progress", *OPTIONS]
@@ -152,6 +154,7 @@ def test_stopped_client_reattaches_to_its_job(server, inputs, tmp_path, capsys):
     assert json.loads((out / "demo_pdf1" / "document.json").read_text())["job_id"] == job_id
 
 
+@pytest.mark.slow
 def test_force_and_changed_options_submit_new_jobs(server, inputs, tmp_path, capsys):
     image, out = inputs / "alpha.png", tmp_path / "out"
     before = _job_ids(server, image)
@@ -180,6 +183,7 @@ def test_force_and_changed_options_submit_new_jobs(server, inputs, tmp_path, cap
     assert "re-attached" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_page_selection(server, inputs, tmp_path):
     pdf, out = inputs / "docs" / "demo_pdf1.pdf", tmp_path / "out"
     before = _job_ids(server, pdf)
@@ -203,6 +207,7 @@ def test_select_pages():
             select_pages(spec, 3)
 
 
+@pytest.mark.slow
 def test_refused_document_is_reported(server, tmp_path):
     """A file the client takes for a PNG (its header) that the server cannot decode: a 400, no job."""
     bad = tmp_path / "broken.png"
@@ -219,6 +224,7 @@ def test_refused_document_is_reported(server, tmp_path):
     assert _jobs_of(server, bad) == [] and not (out / "broken" / JOB_RECORD_NAME).exists()
 
 
+@pytest.mark.slow
 def test_failed_pages_exit_1_and_a_new_job_tries_them_again(server, inputs, tmp_path):
     image, out = inputs / "alpha.png", tmp_path / "out"
     before = _job_ids(server, image)
@@ -238,6 +244,7 @@ def test_failed_pages_exit_1_and_a_new_job_tries_them_again(server, inputs, tmp_
     assert _job_ids(server, image)[1:] == [first["job_id"], *before]
 
 
+@pytest.mark.slow
 def test_errors_that_stop_the_run(server, inputs, tmp_path, capsys):
     out = tmp_path / "out"
     assert main([str(inputs), "--out", str(out), "--server", server, "--jobs", "--api-key", "wrong"]) == 2
@@ -260,6 +267,7 @@ def test_errors_that_stop_the_run(server, inputs, tmp_path, capsys):
         assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_broken_events_stream_is_reopened():
     """A stream that ends without its end event (a proxy's timeout): the job's status is read and
     the stream opened again until the job ends."""

@@ -12,6 +12,8 @@ import requests
 
 from serverproc import local_origin, page_png, quiet_folder_handler, running_server
 
+pytestmark = pytest.mark.slow  # the tier of pyproject.toml's "slow" marker
+
 
 
 

@@ -9,6 +9,8 @@ from eval_support import SAMPLES, demo_server
 from dots_ocr_server.eval import cli, compare
 from dots_ocr_server.eval.drivers import Answer
 
+pytestmark = pytest.mark.slow  # the tier of pyproject.toml's "slow" marker
+
 PAGES = [str(SAMPLES / "demo_image2.png"), str(SAMPLES / "demo_pdf1.pdf")]  # 3 pages
 COMMON = ["--dpi", "50", "--max-new-tokens", "16", "--no-progress"]
 

@@ -20,6 +20,8 @@ from eval_support import (
 
 from dots_ocr_server.eval import cli, olmocr_bench
 
+pytestmark = pytest.mark.slow  # the tier of pyproject.toml's "slow" marker
+
 E2E = ["--dpi", "50", "--max-new-tokens", "24", "--temperature", "0", "--no-progress", "--bootstrap-samples", "50"]
 TYPES = {"present": 2, "absent": 1, "order": 1, "table": 1, "baseline": 3}  # one baseline test per PDF
 
@@ -111,8 +113,8 @@ def test_predictions_resume_and_v1_writes_the_same_markdown(server, bench, capsy
 
 
 def _chromium() -> str:
-    """The browser the /ui tests use (tests/test_ui_browser.py's rule)."""
-    from test_ui_browser import chromium_executable
+    """The browser the /ui tests use (tests/ui_browser_support.py's rule)."""
+    from ui_browser_support import chromium_executable
 
     executable = chromium_executable()
     assert executable, "the math test needs Chromium: `sudo apt-get install chromium` (or set DOTS_OCR_CHROMIUM)"

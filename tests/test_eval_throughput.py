@@ -8,6 +8,8 @@ from eval_support import SAMPLES, demo_server, scrape, scrape_labelled
 
 from dots_ocr_server.eval import cli, throughput
 
+pytestmark = pytest.mark.slow  # the tier of pyproject.toml's "slow" marker
+
 PAGES = [str(SAMPLES / "demo_image2.png"), str(SAMPLES / "demo_pdf1.pdf")]
 COMMON = ["--dpi", "50", "--max-new-tokens", "12", "--no-progress"]
 

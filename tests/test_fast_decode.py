@@ -107,6 +107,7 @@ def _run_joined(runner, requests, join_at):
 # -- same answers ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_greedy_batched_equals_alone_with_rows_joining_and_leaving(plain_runner, fast_runner):
     plan = [("tall", 40, 0), ("small", 12, 3), ("wide", 25, 7), ("small", 9, 15)]  # page, tokens, join step
     alone = {(page, n): _alone(plain_runner, page, n, ignore_eos=True) for page, n, _ in plan}
@@ -121,6 +122,7 @@ def test_greedy_batched_equals_alone_with_rows_joining_and_leaving(plain_runner,
     assert decoder.rows == 0
 
 
+@pytest.mark.slow
 def test_each_row_ends_on_its_own_and_failures_stay_with_their_request(plain_runner, fast_runner):
     reference, _ = _alone(plain_runner, "wide", 30, ignore_eos=True)
     long_answer = _alone(plain_runner, "tall", 40, ignore_eos=True)
@@ -166,6 +168,7 @@ def test_each_row_ends_on_its_own_and_failures_stay_with_their_request(plain_run
     assert fast_runner.decoder.rows == 0
 
 
+@pytest.mark.slow
 def test_slots_are_reused_without_growth(fast_runner):
     decoder = fast_runner.decoder
     pointers = [t.data_ptr() for t in decoder.keys + decoder.values]
@@ -221,6 +224,7 @@ def test_a_request_too_long_for_the_cache_fails_alone(plain_runner):
 # -- compile ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compiled_step_one_graph_per_batch_bucket_and_no_recompiles(plain_runner):
     # aot_eager also runs the float32-output matmul layout that CUDA uses (emulated on CPU)
     decoder = StaticDecoder(plain_runner.model, 512, slots=2, compile=True, backend="aot_eager", kv_chunk=64,
@@ -333,6 +337,7 @@ def test_sampling_runs_on_the_fast_path(fast_runner, page_image):
     assert result.text == again.text  # a seed makes a sampled answer repeatable
 
 
+@pytest.mark.slow
 def test_runner_compile_on_cpu_streaming_equals_plain(tiny_ckpt, runner, page_image):
     fast = ModelRunner(tiny_ckpt, device="cpu", dtype="float32", compile=True, max_new_tokens_limit=512).load()
     try:
@@ -410,6 +415,7 @@ def test_an_error_in_decoding_reaches_the_caller_and_the_worker_survives(fast_ru
 # -- the benchmarks, CI-sized --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_pipeline_runs_and_prints_a_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(REPO / "scripts" / "bench_pipeline.py"), "--demo", "--new-tokens", "8", "--runs", "1",
@@ -430,6 +436,7 @@ def test_bench_pipeline_runs_and_prints_a_table_and_json(tmp_path):
     assert figures["baseline"]["decode_tok_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_http_path_against_a_live_server(runner):
     """The --url part of the benchmark: HTTP time, in-process model time, overhead, same output."""
     from werkzeug.serving import make_server
@@ -455,6 +462,7 @@ def test_bench_http_path_against_a_live_server(runner):
     assert figures["server_health"]["model_loaded"] is True
 
 
+@pytest.mark.slow
 def test_bench_http_stub_times_the_http_and_image_path(tmp_path):
     """--http-stub starts server.py (waitress) with an instant generate and times the rest."""
     import socket
@@ -473,6 +481,7 @@ def test_bench_http_stub_times_the_http_and_image_path(tmp_path):
     assert "HTTP + image path beyond model time" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["--stream", "--no-stream"])
 def test_bench_throughput_prints_a_table_and_a_json_line(tmp_path, mode):
     """The throughput benchmark, CI-sized: the real app in a server process, 4 pages at batch 1

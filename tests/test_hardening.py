@@ -129,6 +129,7 @@ def http_server(tiny_ckpt, tmp_path_factory):
         yield server
 
 
+@pytest.mark.slow
 def test_slow_clients_do_not_take_the_request_threads(http_server):
     """100 slow connections (25 times the 4 request threads) open: /health and /ocr are still
     answered (how fast: scripts/bench_slowclients.py). Under gunicorn's gthread worker they timed out."""
@@ -158,6 +159,7 @@ def _closed_by_server(sock: socket.socket, within_s: float, drip: bool) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["idle partial request", "stalled upload", "dripping headers"])
 def test_half_open_connections_are_closed(http_server, kind):
     """Idle and stalled requests are closed after --idle-timeout (2 s); a request that keeps
@@ -187,6 +189,7 @@ def test_half_open_connections_are_closed(http_server, kind):
     (b"POST /ocr HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n", 413, "--max-body-mb"),
 ], ids=["bad-length", "duplicate-length", "nul-in-header", "not-http", "bad-chunk", "414-uri", "431-header",
         "413-declared"])
+@pytest.mark.slow
 def test_server_level_errors_are_json(http_server, payload, status, message):
     got_status, headers, body = _raw_exchange(http_server.port, payload)
     assert got_status == status
@@ -194,6 +197,7 @@ def test_server_level_errors_are_json(http_server, payload, status, message):
     assert message in json.loads(body)["error"]
 
 
+@pytest.mark.slow
 def test_http_09_request_gets_json(http_server):
     """A request line without a version (HTTP/0.9) is served as HTTP/1.0: JSON, never HTML."""
     status, headers, body = _raw_exchange(http_server.port, b"GET /health\r\n\r\n")
@@ -322,6 +326,7 @@ def test_shutdown_ends_a_running_stream_with_an_error_line(app_no_repetition_gua
     assert state.lock.running == 0
 
 
+@pytest.mark.slow
 def test_sigterm_mid_stream_sends_the_last_line_and_leaves_no_demo_folder(tmp_path):
     """A real --demo server process: SIGTERM during a long stream; the stream ends with the
     shutdown line, a request sent meanwhile gets 503, the process exits 0, and nothing is left in
@@ -466,6 +471,7 @@ def drip_origin():
         yield url
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/headers", "/body-until-close"])
 def test_url_fetch_has_one_deadline_over_a_dripping_origin(drip_origin, path):
     from image_utils import ImageInputError, ImagePolicy, load_image
@@ -581,6 +587,7 @@ def _slow_pdf(triangles: int = 2000) -> bytes:
                             b"<< /Length %d >>\nstream\n" % len(ops) + ops + b"\nendstream"])
 
 
+@pytest.mark.slow
 def test_a_slow_pdf_page_is_rendered_without_holding_the_slot(runner):
     from server import create_app
 
@@ -622,6 +629,7 @@ def test_the_pdf_render_time_is_bounded_by_its_flag(runner):
 # -- after a soak of mixed requests, threads and memory go back down ------------------------------
 
 
+@pytest.mark.slow
 def test_threads_and_memory_return_near_their_start_after_a_soak(tiny_ckpt, tmp_path):
     from serverproc import page_png, process_figures
     from soak import one_request, soak

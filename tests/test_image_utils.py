@@ -284,6 +284,7 @@ def test_bomb_rejected_from_header_before_decoding():
                  encode(Image.new("RGB", (20, 20)), "PNG"), ImagePolicy(max_image_pixels=100))
 
 
+@pytest.mark.slow
 def test_real_compressed_bomb_rejected():
     # A genuine 1-bit 10500 x 10500 PNG (110 Mpx) that compresses to a few kB.
     data = encode(Image.new("1", (10500, 10500), 1), "PNG", optimize=False)
@@ -919,6 +920,7 @@ def _axis_cases():
     return sorted(pairs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("orig,model", _axis_cases())
 def test_coordinate_round_trips(orig, model):
     scale = model / orig

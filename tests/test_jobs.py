@@ -65,6 +65,7 @@ def _jobs(client) -> list[dict]:
 # -- the life of a job ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_pdf_by_path_upload_and_base64_becomes_a_document(make_app, tmp_path):
     client = make_app().test_client()
     pdf = tmp_path / "three.pdf"
@@ -187,6 +188,7 @@ def test_the_zip_holds_the_document_and_its_figures(make_app, runner, monkeypatc
     assert "A title" in chunks[0]["headings"] + [chunks[0]["text"]] and "Body text." in chunks[-1]["text"]
 
 
+@pytest.mark.slow
 def test_a_page_that_cannot_be_read_is_tried_again_then_failed_and_the_job_goes_on(make_app, runner):
     """On the demo weights a layout answer is noise: every page is tried twice (the second time at
     0.95 of its size), then marked failed with its reason; the job itself is done."""
@@ -322,6 +324,7 @@ def test_a_job_that_would_pass_the_storage_cap_is_refused_with_507(make_app):
 # -- the generation slots ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_ocr_request_is_served_while_a_job_runs_at_batch_size_2(tiny_ckpt, tmp_path, make_app):
     from model_runner.runner import ModelRunner
 
@@ -366,6 +369,7 @@ def test_at_batch_size_1_a_job_page_holds_the_slot_and_ocr_gets_429(make_app, ru
     _wait_finished(client, job["job_id"])
 
 
+@pytest.mark.slow
 def test_five_jobs_from_five_clients_all_finish_in_order(make_app):
     app = make_app()
     submitted, lock = [], threading.Lock()
@@ -396,6 +400,7 @@ def test_five_jobs_from_five_clients_all_finish_in_order(make_app):
 # -- around it --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_jobs_in_metrics_and_in_the_openapi_document(make_app):
     from test_metrics import _scrape, _value
 

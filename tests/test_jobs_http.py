@@ -17,6 +17,8 @@ import requests
 from serverproc import running_server_process, start_server, wait_for, wait_until_loaded
 from test_image_utils import make_pdf
 
+pytestmark = pytest.mark.slow  # the tier of pyproject.toml's "slow" marker
+
 FAST = {"prompt_type": "prompt_ocr", "dpi": 72, "temperature": 0}
 
 

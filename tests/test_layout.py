@@ -334,6 +334,7 @@ def test_non_string_input(value):
     assert isinstance(r, ParseResult)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["random", "starts", "nested_objects", "nested_cells", "keys"])
 def test_large_garbage_is_fast(kind):
     import time

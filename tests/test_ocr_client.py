@@ -17,6 +17,8 @@ from dots_ocr_server.client import main
 from ocr_client_support import DPI, make_inputs, read_summary
 from serverproc import free_port, running_server
 
+pytestmark = pytest.mark.slow  # the tier of pyproject.toml's "slow" marker
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGE_FILES = ("response.json", "layout.json", "page.md", "page.png")
 

@@ -48,6 +48,7 @@ def _images(folder, count: int) -> list[str]:
     return paths
 
 
+@pytest.mark.slow
 def test_requests_sent(fake, inputs, tmp_path):
     fake.script = [ok_answer]
     out = tmp_path / "out"
@@ -72,6 +73,7 @@ def test_requests_sent(fake, inputs, tmp_path):
     assert (out / "alpha" / "page_0001" / "page.md").read_text() == "hello\n"
 
 
+@pytest.mark.slow
 def test_pdf_pages_are_uploaded_once_as_one_page_images(fake, tmp_path):
     from image_utils import load_document
 
@@ -121,6 +123,7 @@ def test_default_concurrency_is_the_servers_max_batch_size(fake, tmp_path):
     assert read_summary(out)["concurrency"] == 2
 
 
+@pytest.mark.slow
 def test_resume_with_pages_in_flight(fake, inputs, tmp_path):
     fake.script = [ok_answer]
     out = tmp_path / "out"
@@ -197,6 +200,7 @@ def test_http_error_fails_page_and_run_continues(fake, inputs, tmp_path):
     assert (out / "beta" / "page_0001" / "response.json").is_file()
 
 
+@pytest.mark.slow
 def test_waits_for_the_model_to_load(fake, inputs, tmp_path, capsys):
     fake.script = [ok_answer]
     fake.loading_polls = 1
@@ -259,6 +263,7 @@ def test_not_an_image_counts_as_failed(fake, inputs, tmp_path):
     assert len(fake.requests) == 1
 
 
+@pytest.mark.slow
 def test_content_detection_and_same_stem_names(fake, inputs, tmp_path):
     """A PDF named .png is a PDF; files with one stem in different folders get distinct folders."""
     fake.script = [ok_answer]

@@ -175,6 +175,7 @@ def test_seed_is_reproducible(client):
     assert sampled[0]["choices"][0]["message"] == sampled[1]["choices"][0]["message"]
 
 
+@pytest.mark.slow
 def test_parameters_reach_the_runner(client, runner, monkeypatch):
     """Each OpenAI parameter becomes the runner's argument of the same meaning; OpenAI's defaults
     for those left out; max tokens capped at --max-new-tokens-limit (upstream asks 32768)."""
@@ -426,6 +427,7 @@ def _hold_slot(server) -> requests.Response:
     return response
 
 
+@pytest.mark.slow
 def test_sdk_sync_and_stream(sdk, image_host):
     completion = sdk.chat.completions.create(model="model", messages=upstream_messages(), max_completion_tokens=6,
                                              temperature=0.1, top_p=0.9)
@@ -441,6 +443,7 @@ def test_sdk_sync_and_stream(sdk, image_host):
     assert [m.id for m in sdk.models.list()] == ["dots-ocr"]
 
 
+@pytest.mark.slow
 def test_sdk_exceptions(sdk, server):
     import openai
 
@@ -453,6 +456,7 @@ def test_sdk_exceptions(sdk, server):
         sdk.models.retrieve("gpt-4o")
 
 
+@pytest.mark.slow
 def test_sdk_calls_queue_behind_a_busy_server(sdk, server):
     """Both slots busy: 64 concurrent SDK calls (upstream's parser sends 64) wait in the queue; the
     next one gets RateLimitError (429 past --max-queue) and /ocr gets its 429 at once; all 64
@@ -488,6 +492,7 @@ def _raw_request(server, body: dict) -> socket.socket:
     return sock
 
 
+@pytest.mark.slow
 def test_raw_sse_and_disconnect_frees_the_slot(server):
     sock = _raw_request(server, {"model": "m", "messages": upstream_messages(layout_only_prompt()), "stream": True,
                                  "temperature": 0, "max_tokens": 20000})
@@ -502,6 +507,7 @@ def test_raw_sse_and_disconnect_frees_the_slot(server):
     wait_for(lambda: _health(server)["running"] == 0, 60)
 
 
+@pytest.mark.slow
 def test_queued_client_hang_up_leaves_the_queue(server):
     held = [_hold_slot(server), _hold_slot(server)]
     try:
@@ -516,6 +522,7 @@ def test_queued_client_hang_up_leaves_the_queue(server):
     wait_for(lambda: _health(server)["running"] == 0, 60)
 
 
+@pytest.mark.slow
 def test_schemathesis_never_gets_a_5xx(runner, tmp_path):
     """Every request generated from /openapi.json, valid or not, gets a documented status, never
     a 5xx."""

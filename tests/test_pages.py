@@ -219,6 +219,7 @@ def fast_runner(tiny_ckpt):
     decoder.close()
 
 
+@pytest.mark.slow
 def test_an_inspect_answer_beside_a_batch_leaves_every_greedy_answer_as_alone(fast_runner):
     app = create_app({"max_batch_size": 3}, runner=fast_runner)
     pages = {name: base64.b64encode(_page_variant(i)).decode() for i, name in enumerate(("a", "b", "c"))}
@@ -238,8 +239,9 @@ def test_an_inspect_answer_beside_a_batch_leaves_every_greedy_answer_as_alone(fa
     together: dict = {}
     done = threading.Event()
 
-    def watch():  # what a forward pass on another thread sees, all along
-        while not done.is_set():
+    def watch():  # what a forward pass on another thread sees, every half millisecond (a spin would
+        # take the GIL from the decoding loop and make the test ten times slower)
+        while not done.wait(0.0005):
             seen_attention.add(str(config._attn_implementation))
 
     workers = [threading.Thread(target=lambda n=name: together.__setitem__(n, ocr(app.test_client(), n)))

@@ -69,6 +69,7 @@ def test_a_wake_interval_gives_the_same_answer_in_fewer_pieces(runner, page_imag
         next(runner.stream_pieces(page_image, "prompt_ocr", wake_interval_s=-1))
 
 
+@pytest.mark.slow
 def test_a_reader_behind_collects_the_rest_without_waiting(runner, page_image, monkeypatch):
     """A full piece (``MAX_TOKENS_PER_PIECE`` tokens) means more may be waiting: the next piece is
     collected at once, not after another wake interval."""

@@ -438,6 +438,7 @@ def pdf_b64():
     return base64.b64encode((DATA / "demo_pdf1.pdf").read_bytes()).decode()
 
 
+@pytest.mark.slow
 def test_pdf_pages(app, client, pdf_b64):
     for page in (1, 2):
         response = _ocr(client, image=pdf_b64, image_format="base64", page=page, prompt_type="prompt_ocr", dpi=72)
@@ -454,6 +455,7 @@ def test_pdf_pages(app, client, pdf_b64):
     _assert_free(app)
 
 
+@pytest.mark.slow
 def test_pdf_stream_carries_page_on_last_line(client, pdf_b64):
     response = client.post("/ocr", json={"image": pdf_b64, "image_format": "base64", "page": 2, "stream": True,
                                          "max_new_tokens": 6, "temperature": 0, "dpi": 72})
@@ -548,6 +550,7 @@ def test_torch_threads_flag_sets_the_process_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_demo_mode_answers_are_short_unless_a_request_asks(runner):
     from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS, DEMO_MAX_NEW_TOKENS
     from model_runner.prompts import prompt_text
@@ -596,6 +599,7 @@ def test_cpu_batching_chooses_torch_threads_and_says_so(monkeypatch, caplog):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_ignore_eos_runs_the_answer_to_max_new_tokens(client, page_b64):
     """prompt_ocr ends by eos after about 100 tokens on this page; ignore_eos (vLLM's field, for
     fixed-length benchmarks) runs it to max_new_tokens on /ocr and on /v1."""

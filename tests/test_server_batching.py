@@ -120,6 +120,7 @@ def test_default_one_slot_is_api_md_busy(runner, page_path):
     assert not _state(app).lock.locked() and not _generation_threads()
 
 
+@pytest.mark.slow
 def test_closed_stream_leaves_the_batched_neighbour_intact(runner2, page_path):
     """One client reads a few streamed lines and goes away; the request generating beside it (a
     long answer, so that it is still running) gets exactly its solo answer, and both slots are

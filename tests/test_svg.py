@@ -144,6 +144,7 @@ def test_corrupted_answers_never_raise_and_give_well_formed_svg():
     assert count >= 300
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("garbage", ["<svg" + "<g>" * 50_000, "<svg>" + '<path d="' * 20_000,
                                      "<svg " + 'a="1" ' * 40_000, "<svg>" + "</svg>" * 30_000])
 def test_large_garbage_is_fast(garbage):

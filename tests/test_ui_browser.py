@@ -11,6 +11,8 @@ import requests
 from serverproc import ROOT, running_server
 from ui_browser_support import ARTIFACTS, KEY, launched_browser, ui_page, wait_idle
 
+pytestmark = pytest.mark.slow  # the tier of pyproject.toml's "slow" marker
+
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, tmp_path_factory):

@@ -16,6 +16,8 @@ import requests
 from serverproc import ROOT, running_server
 from ui_browser_support import AUTH, KEY, launched_browser, ui_page, wait_idle
 
+pytestmark = pytest.mark.slow  # the tier of pyproject.toml's "slow" marker
+
 PDF = ROOT / "samples" / "demo_pdf1.pdf"  # two pages
 
 
