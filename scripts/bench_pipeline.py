@@ -46,6 +46,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402 - after the sys.path set-up
 
+from dots_ocr_server.eval.machine import cpu_name  # noqa: E402 - after the sys.path set-up
+
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
@@ -84,16 +86,6 @@ def timed(fn, device, runs: int, warmup: int = 1) -> tuple[float, object]:
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_description(device: torch.device) -> str:

@@ -437,8 +437,10 @@ def test_the_pages_selection():
     assert parse_pages("1-3,7", 9) == [1, 2, 3, 7]
     assert parse_pages(" 2 , 2-3 ", 3) == [2, 3]
     for bad in ("0", "3-1", "a", "1-", "", "4"):
-        with pytest.raises(RequestError):
+        with pytest.raises(RequestError, match="^Invalid 'pages': "):
             parse_pages(bad, 3)
+    with pytest.raises(RequestError, match=r"^Invalid 'pages': page 4 is past the document's 3 pages$"):
+        parse_pages("1,4", 3)
 
 
 def test_sizes_and_durations_of_the_flags():

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from forcing import ForcedTokens
+from forcing import SoftForced
 from serverproc import page_png, wait_for
 from server import create_app
 
@@ -101,21 +101,6 @@ def _forced_layout(runner, image):
     return answer, ids
 
 
-class _Soft(ForcedTokens):
-    """Greedy emits ``ids[step]`` with a margin that changes per step, so confidences differ from 1."""
-
-    def __init__(self, model, ids):
-        super().__init__(model, lambda step: ids[min(step, len(ids) - 1)])
-
-    def __call__(self, module, inputs, output):
-        import torch
-
-        forced = torch.zeros_like(output)
-        forced[:, -1, self.next_token(self.step)] = 2.0 + self.step % 5
-        self.step += 1
-        return forced
-
-
 def test_batch_rows_carry_the_same_cell_confidence_as_ocr(runner, tmp_path):
     import pyarrow as pa
 
@@ -125,7 +110,7 @@ def test_batch_rows_carry_the_same_cell_confidence_as_ocr(runner, tmp_path):
     path = tmp_path / "page.png"
     image.save(path)
     answer, ids = _forced_layout(runner, image)
-    with _Soft(runner.model, ids):
+    with SoftForced(runner.model, ids):
         served = create_app({}, runner=runner).test_client().post("/ocr", json={
             "image": str(path), "prompt_type": "prompt_layout_all_en", "temperature": 0, "postprocess": True,
             "max_new_tokens": len(ids) + 2}).get_json()
@@ -133,7 +118,7 @@ def test_batch_rows_carry_the_same_cell_confidence_as_ocr(runner, tmp_path):
                     runner=runner)
     page = {"key": "k", "source": str(path), "sha256": "x", "kind": "image", "page": 1, "page_count": 1}
     try:
-        with _Soft(runner.model, ids):
+        with SoftForced(runner.model, ids):
             row = actor(pa.Table.from_pylist([page])).to_pylist()[0]
     finally:
         actor.close()

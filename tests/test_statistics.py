@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from forcing import ForcedTokens, plain_token_ids
+from forcing import ForcedTokens, SoftForced, plain_token_ids
 from model_runner.runner import ModelRunner
 from server import create_app
 
@@ -168,20 +168,6 @@ def test_logprobs_not_asked_not_given(client, page_path):
 
 
 # -- layout confidence --------------------------------------------------------------------------
-
-
-class SoftForced(ForcedTokens):
-    """Greedy emits ``ids[step]`` with a probability that changes from step to step (a margin of
-    2..6 over a flat rest), so that the cells' confidences differ."""
-
-    def __init__(self, model, ids):
-        super().__init__(model, lambda step: ids[min(step, len(ids) - 1)])
-
-    def __call__(self, module, inputs, output):
-        forced = torch.zeros_like(output)
-        forced[:, -1, self.next_token(self.step)] = 2.0 + self.step % 5
-        self.step += 1
-        return forced
 
 
 def _layout_answer(runner, page_image):

@@ -7,9 +7,9 @@ import hmac
 import json
 import re
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from flask import request
+from flask import Response, request
 
 from image_utils import clip_for_message
 
@@ -49,6 +49,18 @@ def ndjson(obj: dict[str, Any]) -> bytes:
 _JSON_STRUCTURE = re.compile(r'\\.|["\[\]{}]', re.DOTALL)
 # A UTF-16 code unit of a surrogate pair on its own: not a character, and no encoder takes it.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def streaming_response(body: Iterable[bytes], mimetype: str, *on_close: Callable[[], None]) -> Response:
+    """A streamed reply (NDJSON or server-sent events) that no cache or proxy holds back; each of
+    ``on_close`` runs when the WSGI server closes the body, also when the client is gone before the
+    body was iterated."""
+    response = Response(body, mimetype=mimetype)
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx: pass each line on at once
+    for close in on_close:
+        response.call_on_close(close)
+    return response
 
 
 def _json_depth_exceeds(text: str, limit: int) -> bool:

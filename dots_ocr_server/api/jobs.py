@@ -24,7 +24,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from image_utils import clip_for_message
 
 from .errors import RequestError
-from .http import check_api_key, json_body, ndjson
+from .http import check_api_key, json_body, ndjson, streaming_response
 from .state import ServerState
 
 bp = Blueprint("jobs", __name__)
@@ -176,10 +176,7 @@ def job_events(job_id: str):
         for event in jobs.events(job.id):
             yield _sse(event) if sse else ndjson(event)
 
-    response = Response(lines(), mimetype="text/event-stream" if sse else "application/x-ndjson")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
+    return streaming_response(lines(), "text/event-stream" if sse else "application/x-ndjson")
 
 
 @bp.delete("/jobs/<job_id>")

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Callable, Iterator
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
 from image_utils import clip_for_message
 from model_runner.prompts import PROMPT_TYPES
@@ -22,7 +22,7 @@ from model_runner.prompts import PROMPT_TYPES
 from ..pages import PageRun
 from ..pages.result import token_json
 from .errors import MODEL_NAME, SHUTDOWN_MESSAGE, RequestError
-from .http import check_api_key, json_body, ndjson, now_iso
+from .http import check_api_key, json_body, ndjson, now_iso, streaming_response
 from .metrics import access_note
 from .request_log import current_request_id
 from .schemas import OCRRequest, validate_request
@@ -84,14 +84,8 @@ def ocr():
         raise
     stopped_by_shutdown = _shutdown_probe(state, run)
     if req.stream:
-        response = Response(_stream_lines(req, run, release, stopped_by_shutdown, current_request_id()),
-                            mimetype="application/x-ndjson")
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Accel-Buffering"] = "no"
-        # If the client is gone before the body is iterated, the WSGI server still closes it.
-        response.call_on_close(run.close)
-        response.call_on_close(release)
-        return response
+        return streaming_response(_stream_lines(req, run, release, stopped_by_shutdown, current_request_id()),
+                                  "application/x-ndjson", run.close, release)
     try:
         result = run.collect()
         if stopped_by_shutdown():

@@ -36,7 +36,7 @@ from model_runner.decoding import DecodingOptions
 
 from ..pages import PageRequest, PageRun, PageSource
 from .errors import CLIENT_CLOSED, MODEL_NAME, NOT_LOADED_MESSAGE, SHUTDOWN_MESSAGE, RequestError
-from .http import any_of, check_api_key, json_body, once
+from .http import any_of, check_api_key, json_body, once, streaming_response
 from .metrics import access_note
 from .openai_schemas import (AssistantReply, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
                              ChoiceLogprobs, ChunkChoice, Delta, ErrorDetail, ErrorResponse, ImagePart, ModelCard,
@@ -191,13 +191,7 @@ def chat_completions():
         raise
     run = _Run(req=req, page_run=page_run)
     if req.stream:
-        response = Response(_sse(run, release), mimetype="text/event-stream")
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Accel-Buffering"] = "no"
-        # If the client is gone before the body is iterated, the WSGI server still closes it.
-        response.call_on_close(run.close)
-        response.call_on_close(release)
-        return response
+        return streaming_response(_sse(run, release), "text/event-stream", run.close, release)
     try:
         deltas = list(run.deltas())
         if state.stop_generation.is_set():

@@ -26,7 +26,6 @@ import datetime as _dt
 import hashlib
 import json
 import queue
-import re
 import sys
 import threading
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from dots_ocr_server.document.page_ranges import parse_page_ranges
 from dots_ocr_server.document.writer import write_bytes_atomic
 
 from .batch import RunControl, run_pages
@@ -47,7 +47,6 @@ from .outputs import MARKER_NAME, PageRecord, is_done, page_dir
 __all__ = ["JOB_RECORD_NAME", "JobOptions", "JobTask", "JobsRun", "plan_jobs", "run_jobs", "select_pages"]
 
 JOB_RECORD_NAME = "job.json"  # OUT/<input>/job.json: the job of the input, for a restart
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
 @dataclass(frozen=True)
@@ -75,22 +74,10 @@ class JobOptions:
 def select_pages(spec: Optional[str], page_count: int) -> list[int]:
     """``"1-3,7"`` -> [1, 2, 3, 7] (sorted, each once) within ``page_count``; None: every page.
     PageError for a selection that is malformed or past the document's pages (the server's rule)."""
-    if spec is None:
-        return list(range(1, page_count + 1))
-    pages: set[int] = set()
-    for part in spec.split(","):
-        match = _RANGE.match(part)
-        if not match:
-            raise PageError(f"--pages: {part.strip()!r} is not a page number or a range like 1-3")
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) else first
-        if first < 1 or last < first:
-            raise PageError(f"--pages: {part.strip()!r} (pages start at 1; a range runs upwards)")
-        if last > page_count:
-            raise PageError(f"--pages: page {last} is past the document's {page_count} "
-                            f"page{'s' if page_count != 1 else ''}")
-        pages.update(range(first, last + 1))
-    return sorted(pages)
+    try:
+        return parse_page_ranges(spec, page_count)
+    except ValueError as exc:
+        raise PageError(f"--pages: {exc}") from None
 
 
 @dataclass(frozen=True)

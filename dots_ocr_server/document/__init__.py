@@ -14,7 +14,8 @@ Modules: ``model`` (the dataclasses and their JSON), ``options`` (the switches),
 ``tables`` (what the cross-page joins test), ``joins`` (the rules), ``markdown`` (blocks ->
 Markdown), ``assemble`` (the pure core), ``figures`` (crops), ``chunks`` (retrieval chunks),
 ``writer`` (the files), ``quality`` (pages that cannot be trusted), ``inputs`` (existing results
--> pages), ``cli`` (``dots-ocr-assemble``). Nothing here imports torch.
+-> pages), ``page_ranges`` (``"1-3,7"``: the pages of a job or a client run), ``cli``
+(``dots-ocr-assemble``). Nothing here imports torch.
 """
 from .assemble import assemble, figure_file, page_figures
 from .chunks import DEFAULT_CHUNK_CHARS, Chunk, chunk_document

@@ -5,7 +5,6 @@ numbers among them are read as numbers first."""
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -14,6 +13,7 @@ from image_utils import IMAGE_FORMATS
 from model_runner.defaults import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_temperature
 from model_runner.prompts import BBOX_PROMPT_TYPES, PROMPT_TYPES, QUESTION_PROMPT_TYPES, default_temperature
 
+from ..document.page_ranges import parse_page_ranges
 from ..errors import RequestError
 from ..pages import DEFAULT_PROMPT_TYPE
 
@@ -21,7 +21,6 @@ __all__ = ["JobRequest", "validate_job_request", "parse_pages", "NO_DOCUMENT_MES
 
 NO_DOCUMENT_MESSAGE = "No document provided: send 'document' (JSON) or a 'file' (multipart upload)"
 MAX_PAGES_SPEC = 2000  # characters of a 'pages' selection
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 # The form fields that are numbers (a multipart upload sends every field as text)
 _NUMBER_FIELDS = ("temperature", "top_p", "max_new_tokens", "dpi", "seed")
 
@@ -62,24 +61,10 @@ class JobRequest(BaseModel):
 def parse_pages(spec: str | None, page_count: int) -> list[int]:
     """``"1-3,7"`` -> [1, 2, 3, 7] (sorted, each once); None: every page. 400 for a selection
     that is malformed, empty or past the document's pages."""
-    if spec is None:
-        return list(range(1, page_count + 1))
-    pages: set[int] = set()
-    for part in spec.split(","):
-        match = _RANGE.match(part)
-        if not match:
-            raise RequestError(f"Invalid 'pages': {part.strip()!r} is not a page number or a range like 1-3",
-                               field="pages")
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) else first
-        if first < 1 or last < first:
-            raise RequestError(f"Invalid 'pages': {part.strip()!r} (pages start at 1; a range runs upwards)",
-                               field="pages")
-        if last > page_count:
-            raise RequestError(f"Invalid 'pages': page {last} is past the document's {page_count} "
-                               f"page{'s' if page_count != 1 else ''}", field="pages")
-        pages.update(range(first, last + 1))
-    return sorted(pages)
+    try:
+        return parse_page_ranges(spec, page_count)
+    except ValueError as exc:
+        raise RequestError(f"Invalid 'pages': {exc}", field="pages") from None
 
 
 def _form_values(form) -> dict[str, Any]:

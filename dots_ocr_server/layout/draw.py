@@ -58,6 +58,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+
+def _pen(w: int, h: int, fill_opacity: float, line_width: int | None, font_size: int | None):
+    """(fill alpha 0..255, line width, font size, font) for a ``w`` x ``h`` page: the sizes scale
+    with the page unless given."""
+    alpha = int(round(min(max(float(fill_opacity), 0.0), 1.0) * 255))
+    lw = line_width if line_width is not None else max(1, int(round(max(w, h) / 800)))
+    fs = font_size if font_size is not None else label_font_size(w, h)
+    return alpha, lw, fs, _font(fs)
+
+
 def draw_layout(image: Image.Image, cells: Sequence[dict], *, fill_opacity: float = 0.3,
                 show_labels: bool = True, line_width: int | None = None,
                 font_size: int | None = None) -> Image.Image:
@@ -74,10 +84,7 @@ def draw_layout(image: Image.Image, cells: Sequence[dict], *, fill_opacity: floa
     w, h = base.size
     if w < 1 or h < 1:
         return base
-    alpha = int(round(min(max(float(fill_opacity), 0.0), 1.0) * 255))
-    lw = line_width if line_width is not None else max(1, int(round(max(w, h) / 800)))
-    fs = font_size if font_size is not None else label_font_size(w, h)
-    font = _font(fs)
+    alpha, lw, fs, font = _pen(w, h, fill_opacity, line_width, font_size)
 
     overlay = Image.new("RGBA", (w, h), (0, 0, 0, 0))
     ov = ImageDraw.Draw(overlay)
@@ -141,10 +148,7 @@ def draw_spots(image: Image.Image, spots: Sequence[dict], *, fill_opacity: float
     w, h = base.size
     if w < 1 or h < 1:
         return base
-    alpha = int(round(min(max(float(fill_opacity), 0.0), 1.0) * 255))
-    lw = line_width if line_width is not None else max(1, int(round(max(w, h) / 800)))
-    fs = font_size if font_size is not None else label_font_size(w, h)
-    font = _font(fs)
+    alpha, lw, fs, font = _pen(w, h, fill_opacity, line_width, font_size)
 
     quads = []
     overlay = Image.new("RGBA", (w, h), (0, 0, 0, 0))
