@@ -46,7 +46,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402 - after the sys.path set-up
 
-from dots_ocr_server.eval.machine import cpu_name  # noqa: E402 - after the sys.path set-up
+from dots_ocr_server.eval.machine import cpu_name, print_result  # noqa: E402 - after the sys.path set-up
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
@@ -779,16 +779,6 @@ def report(figures: dict) -> str:
                            "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(line.rstrip() for line in lines)
-
-
-def print_result(table: str, result: dict, json_out: str | None = None) -> None:
-    """A benchmark's output: the table, then its figures as one JSON line (also written to
-    ``json_out`` when given)."""
-    print(table)
-    line = json.dumps(result, default=str, sort_keys=False)
-    if json_out:
-        Path(json_out).write_text(line + "\n")
-    print(line, flush=True)
 
 
 def main(argv=None) -> int:

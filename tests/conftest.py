@@ -54,7 +54,8 @@ def rendered_prompt(runner, monkeypatch):
 def app(runner, tmp_path):
     from server import create_app
 
-    return create_app({"image_root": None}, runner=runner)
+    # jobs keep their database under the test's own folder (a job submitted here stays there)
+    return create_app({"image_root": None, "data_dir": str(tmp_path / "job-data")}, runner=runner)
 
 
 @pytest.fixture()

@@ -44,6 +44,9 @@ ROUTES = {
     "/inspect": ({"image": PAGE, "image_format": "base64", "prompt_type": "prompt_ocr", "text": "hello"},
                  ["image", "image_format", "prompt_type", "text"]),
     "/ui/render": ({"image": PAGE, "image_format": "base64"}, ["image", "image_format"]),
+    "/jobs": ({"document": PAGE, "document_format": "base64", "prompt_type": "prompt_general",
+               "prompt": "What is it?", "pages": "1"},
+              ["document", "document_format", "prompt_type", "prompt", "pages"]),
     "/v1/chat/completions": ({"model": "dots-ocr", "max_tokens": 2, "user": "someone", "stop": ["x"],
                               "messages": [{"role": "system", "content": "Be brief."},
                                            {"role": "user", "content": [

@@ -84,8 +84,8 @@ def _kill(server) -> None:
     server.proc.wait(timeout=10)
 
 
-def _start(tiny_ckpt, data, tmp_path):
-    server = start_server(tiny_ckpt, "--data-dir", str(data), log_dir=tmp_path)
+def _start(tiny_ckpt, data, tmp_path, *args: str):
+    server = start_server(tiny_ckpt, "--data-dir", str(data), *args, log_dir=tmp_path)
     wait_until_loaded(server.health, 120, failed=server.exited)
     return server
 
@@ -149,19 +149,20 @@ def test_killed_queued_mid_page_and_between_pages_nothing_is_lost_or_run_twice(t
     assert all(p["attempts"] == 1 for p in final[1]["pages"])  # queued at the kill: run once
 
 
-@pytest.mark.parametrize("grace, finishes", [(30.0, True), (0.5, False)])
-def test_sigterm_lets_the_running_page_finish_within_the_grace_time(tiny_ckpt, tmp_path, grace, finishes):
+# A page of 300 tokens finishes well within 30 s; one of 3,000 (about 3 s here, no repetition
+# guard to end the looping random model early) cannot finish within 0.5 s.
+@pytest.mark.parametrize("grace, finishes, tokens", [(30.0, True, 300), (0.5, False, 3000)])
+def test_sigterm_lets_the_running_page_finish_within_the_grace_time(tiny_ckpt, tmp_path, grace, finishes, tokens):
     data = tmp_path / "data"
-    server = start_server(tiny_ckpt, "--data-dir", str(data), "--graceful-timeout", str(grace), log_dir=tmp_path)
-    wait_until_loaded(server.health, 120, failed=server.exited)
-    job = _submit(server.url, 2, 300)
+    server = _start(tiny_ckpt, data, tmp_path, "--graceful-timeout", str(grace), "--repetition-window", "0")
+    job = _submit(server.url, 2, tokens)
     wait_for(lambda: any(p["status"] == "running" for p in _status(server.url, job)["pages"]), 60,
              what="a page running", interval_s=0.02)
     os.killpg(server.proc.pid, signal.SIGTERM)
     started = time.monotonic()
     assert server.proc.wait(timeout=60) == 0
     stopped_in = time.monotonic() - started
-    server = _start(tiny_ckpt, data, tmp_path)
+    server = _start(tiny_ckpt, data, tmp_path, "--repetition-window", "0")
     try:
         status = _wait_done(server.url, job)
     finally:

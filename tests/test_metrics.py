@@ -61,9 +61,13 @@ def test_counters_and_histograms_move_with_requests(client, page_path):
                  "request_queue_time_seconds", "time_per_output_token_seconds"):
         assert moved(f"dots_ocr:{name}_count", route="/ocr") == 2, name
         assert moved(f"dots_ocr:{name}_bucket", le="+Inf", route="/ocr") == 2, name
-    # the e2e histogram's sum covers the Ollama total_duration of both answers (ns -> s)
-    assert moved("dots_ocr:e2e_request_latency_seconds_sum", route="/ocr") >= \
-        sum(a["total_duration"] for a in answers) / 1e9 * 0.99
+    # The e2e histogram is observed when a generation ends, so its sum covers each answer's load,
+    # prompt and decode time and stays within its total_duration, which also counts the
+    # post-processing after the end (ns -> s; the slack is the clock readings' rounding to ns).
+    e2e_s = moved("dots_ocr:e2e_request_latency_seconds_sum", route="/ocr")
+    parts_s = sum(a["load_duration"] + a["prompt_eval_duration"] + a["eval_duration"] for a in answers) / 1e9
+    total_s = sum(a["total_duration"] for a in answers) / 1e9
+    assert parts_s - 1e-6 <= e2e_s <= total_s + 1e-6
     assert _value(after, "dots_ocr:model_loaded") == 1
     assert _value(after, "dots_ocr:model_load_time_seconds") > 0
     assert ("dots_ocr:gpu_memory_used_bytes", ()) not in after  # CPU: no GPU gauges

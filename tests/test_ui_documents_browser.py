@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from serverproc import ROOT, running_server
+from serverproc import ROOT, running_server, wait_for
 from ui_browser_support import AUTH, KEY, launched_browser, ui_page, wait_idle
 
 pytestmark = pytest.mark.slow  # the tier of pyproject.toml's "slow" marker
@@ -189,8 +189,10 @@ def test_cancel_a_running_job(page, server):
     page.wait_for_selector("#job-download-json:not(.disabled)")
     assert page.locator('#job-pages li[data-status="running"]').count() == 0
     assert page.is_hidden("#job-cancel")
+    # the stopped page is written as cancelled once its generation has left the engine
+    wait_for(lambda: all(p["status"] == "cancelled" for p in page_statuses(server, job_id)), 30,
+             what="every page cancelled", interval_s=0.05)
     wait_idle(server)
-    assert all(p["status"] == "cancelled" for p in page_statuses(server, job_id))
     assert page.errors == []
 
 

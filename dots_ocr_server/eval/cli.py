@@ -20,6 +20,8 @@ from typing import Any
 from dots_ocr_server.client.cli import batch_prompt_types
 from dots_ocr_server.client.errors import FatalError, PageError
 from dots_ocr_server.client.http_client import API_KEY_ENV
+from image_utils.policy import DEFAULT_PDF_DPI, MAX_PDF_DPI, MIN_PDF_DPI
+from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from model_runner.prompts import LAYOUT_PROMPT_TYPES, QUESTION_PROMPT_TYPES
 
 from . import compare, olmocr_bench, throughput
@@ -76,11 +78,12 @@ def _add_generation(parser: argparse.ArgumentParser, *, prompt_types, prompt_typ
         help="the question, for --prompt-type prompt_general")
     add("--temperature", metavar="T", type=_ranged(float, 0, 2), default=temperature,
         help=f"sampling temperature, 0 = greedy (default {temperature:g})")
-    add("--top-p", metavar="P", type=_ranged(float, 1e-6, 1), default=1.0, help="nucleus sampling (default 1)")
+    add("--top-p", metavar="P", type=_ranged(float, 1e-6, 1), default=DEFAULT_TOP_P,
+        help=f"nucleus sampling (default {DEFAULT_TOP_P:g})")
     add("--max-new-tokens", metavar="N", type=_ranged(int, 1), default=max_new_tokens,
         help=f"longest answer per page in tokens (default {max_new_tokens})")
-    add("--dpi", metavar="DPI", type=_ranged(int, 36, 600), default=200,
-        help="PDF rendering resolution (default 200, as the server's)")
+    add("--dpi", metavar="DPI", type=_ranged(int, MIN_PDF_DPI, MAX_PDF_DPI), default=DEFAULT_PDF_DPI,
+        help=f"PDF rendering resolution (default {DEFAULT_PDF_DPI}, as the server's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--name", default="dots_ocr_server",
                        help="the candidate's folder under BENCH_DIR (default dots_ocr_server)")
     _add_generation(bench, prompt_types=LAYOUT_PROMPT_TYPES + ("prompt_ocr",), prompt_type="prompt_layout_all_en",
-                    temperature=0.1, max_new_tokens=12000)
+                    temperature=DEFAULT_TEMPERATURE, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     bench.add_argument("--keep-headers-footers", action="store_true",
                        help="keep Page-header and Page-footer cells in the Markdown (dropped by default)")
     bench.add_argument("--repeats", type=_ranged(int, 1, 20), default=1,
@@ -130,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         comp.add_argument(f"--save-{side}", metavar="DIR", default=None,
                           help=f"also save side {side.upper()}'s answers there (to compare against later)")
     _add_generation(comp, prompt_types=batch_prompt_types(), prompt_type="prompt_layout_all_en", temperature=0.0,
-                    max_new_tokens=12000)
+                    max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     comp.add_argument("--concurrency", metavar="K", type=_ranged(int, 1, 256), default=1,
                       help="pages in flight (default 1)")
     comp.add_argument("--iou-match", type=_ranged(float, 0.01, 1), default=compare.DEFAULT_IOU_MATCH,

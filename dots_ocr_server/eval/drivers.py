@@ -18,6 +18,7 @@ from typing import Any
 
 from dots_ocr_server.client.errors import PageError
 from dots_ocr_server.client.http_client import OCRClient
+from model_runner.defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TOP_P
 from model_runner.prompts import (
     LAYOUT_PROMPT_TYPES,
     POSTPROCESS_PROMPT_TYPES,
@@ -44,8 +45,8 @@ class Generation:
     prompt_type: str = "prompt_layout_all_en"
     question: str | None = None
     temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 12000
+    top_p: float = DEFAULT_TOP_P
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     stream: bool = False
     tokens: bool = False
     markdown: bool = False
