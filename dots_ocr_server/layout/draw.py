@@ -58,7 +58,6 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-
 def _pen(w: int, h: int, fill_opacity: float, line_width: int | None, font_size: int | None):
     """(fill alpha 0..255, line width, font size, font) for a ``w`` x ``h`` page: the sizes scale
     with the page unless given."""
