@@ -189,6 +189,34 @@ def test_the_zip_holds_the_document_and_its_figures(make_app, runner, monkeypatc
 
 
 @pytest.mark.slow
+def test_a_job_gives_the_same_document_as_the_client_and_the_batch_job(make_app, runner, monkeypatch):
+    """The sample PDF's two pages answered with the hand-written layouts of the test data (as
+    model-pixel boxes, what the model says): the job's document.md is the one the client and the
+    batch job write for the same pages (tests/data/demo_pdf1.document.md; test_client_document.py
+    and test_batch_job.py hold them to it)."""
+    from forcing import ScriptedHandle
+
+    data = Path(__file__).parent / "data"
+    answers = []
+    for page in json.loads((data / "demo_pdf1.pages.json").read_text(encoding="utf-8"))["pages"]:
+        model_w, model_h = runner.processor.model_input_size(page["width"], page["height"])
+        sx, sy = model_w / page["width"], model_h / page["height"]
+        answers.append(json.dumps([{**cell, "bbox": [round(cell["bbox"][0] * sx), round(cell["bbox"][1] * sy),
+                                                      round(cell["bbox"][2] * sx), round(cell["bbox"][3] * sy)]}
+                                   for cell in page["layout"]], ensure_ascii=False))
+    said = iter(answers)  # the job runs its pages in order, one at a time
+    monkeypatch.setattr(runner, "start", lambda request, stats=None: ScriptedHandle(runner, request, stats, next(said)))
+    client = make_app().test_client()
+    job = _submit(client, document=base64.b64encode((SAMPLES / "demo_pdf1.pdf").read_bytes()).decode(),
+                  document_format="base64", prompt_type="prompt_layout_all_en", dpi=200).get_json()
+    assert _wait_finished(client, job["job_id"])["pages_done"] == 2
+    markdown = client.get(f"/jobs/{job['job_id']}/result?format=markdown").get_data(as_text=True)
+    assert markdown == (data / "demo_pdf1.document.md").read_text(encoding="utf-8")
+    document = client.get(f"/jobs/{job['job_id']}/result").get_json()
+    assert [(p["page"], p["width"], p["height"]) for p in document["pages"]] == [(1, 2339, 3308), (2, 2339, 3308)]
+
+
+@pytest.mark.slow
 def test_a_page_that_cannot_be_read_is_tried_again_then_failed_and_the_job_goes_on(make_app, runner):
     """On the demo weights a layout answer is noise: every page is tried twice (the second time at
     0.95 of its size), then marked failed with its reason; the job itself is done."""
