@@ -195,14 +195,14 @@ def test_a_job_gives_the_same_document_as_the_client_and_the_batch_job(make_app,
     batch job write for the same pages (tests/data/demo_pdf1.document.md; test_client_document.py
     and test_batch_job.py hold them to it)."""
     from forcing import ScriptedHandle
+    from image_utils.geometry import to_model_coords
 
     data = Path(__file__).parent / "data"
     answers = []
     for page in json.loads((data / "demo_pdf1.pages.json").read_text(encoding="utf-8"))["pages"]:
-        model_w, model_h = runner.processor.model_input_size(page["width"], page["height"])
-        sx, sy = model_w / page["width"], model_h / page["height"]
-        answers.append(json.dumps([{**cell, "bbox": [round(cell["bbox"][0] * sx), round(cell["bbox"][1] * sy),
-                                                      round(cell["bbox"][2] * sx), round(cell["bbox"][3] * sy)]}
+        size = (page["width"], page["height"])
+        model_size = runner.processor.model_input_size(*size)
+        answers.append(json.dumps([{**cell, "bbox": to_model_coords(cell["bbox"], size, model_size)}
                                    for cell in page["layout"]], ensure_ascii=False))
     said = iter(answers)  # the job runs its pages in order, one at a time
     monkeypatch.setattr(runner, "start", lambda request, stats=None: ScriptedHandle(runner, request, stats, next(said)))
